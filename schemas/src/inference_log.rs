@@ -1,0 +1,85 @@
+//! `alignx.inference_log.v1`: one record per update attempt on `alignx.inference-log`
+//! (DESIGN.md §3.4). The trainer turns these, with later signals, into training data.
+
+use serde::{Deserialize, Serialize};
+
+use crate::signal::Signal;
+
+/// The `schema` member of a log record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum InferenceLogSchema {
+    #[default]
+    #[serde(rename = "alignx.inference_log.v1")]
+    V1,
+}
+
+/// How an update attempt ended. Stable labels: they are also metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateOutcome {
+    /// A new summary version was written.
+    Applied,
+    /// The generation had no `<answer>…</answer>`.
+    NoAnswer,
+    /// An `<answer>` was opened but the generation ended before `</answer>`.
+    Truncated,
+    /// The answer was empty after cleaning.
+    EmptyAnswer,
+    /// The engine failed (not the model's output).
+    EngineError,
+    /// The store refused the write: another update or a replay got there first.
+    Stale,
+}
+
+impl UpdateOutcome {
+    pub const ALL: [UpdateOutcome; 6] =
+        [Self::Applied, Self::NoAnswer, Self::Truncated, Self::EmptyAnswer, Self::EngineError, Self::Stale];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::NoAnswer => "no_answer",
+            Self::Truncated => "truncated",
+            Self::EmptyAnswer => "empty_answer",
+            Self::EngineError => "engine_error",
+            Self::Stale => "stale",
+        }
+    }
+}
+
+/// A signal as it was read from Kafka.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedSignal {
+    pub partition: i32,
+    pub offset: i64,
+    pub signal: Signal,
+}
+
+/// One update attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceLogRecord {
+    pub schema: InferenceLogSchema,
+    pub user_id: String,
+    /// Model version id that generated.
+    pub model: String,
+    /// When the record was written (Unix ms).
+    pub logged_at_ms: u64,
+    /// Summary version the update started from (0: none yet).
+    pub previous_version: u64,
+    pub previous_summary: Option<String>,
+    /// The window of signals, in offset order.
+    pub signals: Vec<LoggedSignal>,
+    /// The exact prompt text given to the model.
+    pub prompt: String,
+    /// The raw generation after the prompt.
+    pub generation: String,
+    /// The parsed summary, when there was one.
+    pub summary: Option<String>,
+    /// The version written, when `outcome` is `applied`.
+    pub new_version: Option<u64>,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    /// Oldest signal timestamp → summary written.
+    pub latency_ms: u64,
+    pub outcome: UpdateOutcome,
+}

