@@ -3,7 +3,8 @@
 //! directory it linked against as `DEP_TCH_LIBTORCH_LIB` (its `links = "tch"`).
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    }
+    // Only set for packages that depend on torch-sys directly, hence that dependency.
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        .expect("DEP_TCH_LIBTORCH_LIB unset: this package must depend on torch-sys directly");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
 }

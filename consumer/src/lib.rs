@@ -1,1 +1,13 @@
+//! The AlignXplore Stream consumer: turns the Kafka stream of behavioural signals into
+//! per-user preference summaries in Redis (DESIGN.md §3).
+//!
+//! # Layout
+//! - [`onnx_runtime`]: finding and loading ONNX Runtime (config, `ORT_DYLIB_PATH`, next
+//!   to the binary).
+//! - [`validate_cmd`]: `alignx-consumer validate`, the DLQ gate run over a file, so
+//!   producers can check their output before sending it.
+//!
+//! The stream pipeline (ingest → window → engine → store) is built on these.
 
+pub mod onnx_runtime;
+pub mod validate_cmd;

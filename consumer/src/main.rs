@@ -1,1 +1,120 @@
-fn main() {}
+//! `alignx-consumer`: command-line entry point. Parsing, logging setup and exit codes
+//! only; the work lives in the library.
+
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use alignx_consumer::{onnx_runtime, validate_cmd};
+use alignx_schemas::Limits;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Keeps a human-readable preference summary per user, updated from a Kafka stream of
+/// behavioural signals by an LLM run with ONNX Runtime, stored in Redis.
+#[derive(Debug, Parser)]
+#[command(name = "alignx-consumer", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check that ONNX Runtime loads, and say from where.
+    Doctor {
+        /// ONNX Runtime library file (default: $ORT_DYLIB_PATH, then next to this binary).
+        #[arg(long, env = "ALIGNX_ORT_LIBRARY")]
+        ort_library: Option<PathBuf>,
+    },
+    /// Check signals (JSON Lines, `alignx.signal.v1`) as the consumer would, printing
+    /// each rejected line with its DLQ reason. Exit code 1 when any line is rejected.
+    Validate {
+        /// Input file, or `-` for standard input.
+        #[arg(default_value = "-")]
+        input: PathBuf,
+        /// Longest user_id / signal_id in bytes.
+        #[arg(long, default_value_t = Limits::default().max_id_bytes)]
+        max_id_bytes: usize,
+        /// Longest text field in bytes.
+        #[arg(long, default_value_t = Limits::default().max_text_bytes)]
+        max_text_bytes: usize,
+        /// Largest message in bytes.
+        #[arg(long, default_value_t = Limits::default().max_message_bytes)]
+        max_message_bytes: usize,
+    },
+}
+
+fn doctor(ort_library: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let runtime = onnx_runtime::init(ort_library.as_deref())?;
+    println!("onnx runtime: {}", runtime.path().display());
+    println!("build: {}", runtime.build_info());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(input: PathBuf, limits: Limits) -> anyhow::Result<ExitCode> {
+    let reader: Box<dyn std::io::BufRead> = if input.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(&input)
+            .with_context(|| format!("cannot open {}", input.display()))?;
+        Box::new(BufReader::new(file))
+    };
+    let report = validate_cmd::validate_lines(reader, &limits, |r| {
+        println!("line {}: {} — {}", r.line, r.reason, r.detail);
+    })
+    .with_context(|| format!("cannot read {}", input.display()))?;
+    let kinds: Vec<String> = report
+        .valid
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    let reasons: Vec<String> = report
+        .rejected
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!("valid: {} ({})", report.valid_total(), kinds.join(", "));
+    println!(
+        "rejected: {}{}",
+        report.rejected_total(),
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join(", "))
+        }
+    );
+    Ok(if report.rejected_total() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("ALIGNX_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Doctor { ort_library } => doctor(ort_library),
+        Command::Validate {
+            input,
+            max_id_bytes,
+            max_text_bytes,
+            max_message_bytes,
+        } => validate(
+            input,
+            Limits {
+                max_id_bytes,
+                max_text_bytes,
+                max_message_bytes,
+            },
+        ),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(2)
+    })
+}

@@ -17,12 +17,21 @@ pub struct Text {
 
 impl Text {
     /// Any string, even empty.
-    pub const ANY: Text = Text { non_empty: false, max_bytes: None };
+    pub const ANY: Text = Text {
+        non_empty: false,
+        max_bytes: None,
+    };
     /// A string with at least one non-whitespace character.
-    pub const NON_EMPTY: Text = Text { non_empty: true, max_bytes: None };
+    pub const NON_EMPTY: Text = Text {
+        non_empty: true,
+        max_bytes: None,
+    };
 
     pub const fn non_empty_max(max_bytes: usize) -> Text {
-        Text { non_empty: true, max_bytes: Some(max_bytes) }
+        Text {
+            non_empty: true,
+            max_bytes: Some(max_bytes),
+        }
     }
 }
 
@@ -58,8 +67,17 @@ impl Checker {
         Self::default()
     }
 
-    pub fn report(&mut self, path: impl Into<String>, code: ProblemCode, message: impl Into<String>) {
-        self.problems.push(Problem { path: path.into(), code, message: message.into() });
+    pub fn report(
+        &mut self,
+        path: impl Into<String>,
+        code: ProblemCode,
+        message: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            path: path.into(),
+            code,
+            message: message.into(),
+        });
     }
 
     /// Problems reported so far; compare before and after a sub-check to see if it failed.
@@ -80,7 +98,11 @@ impl Checker {
     }
 
     fn wrong_type(&mut self, path: &str, expected: &str, got: &Value) {
-        self.report(path, ProblemCode::WrongType, format!("expected {expected}, got {}", type_name(got)));
+        self.report(
+            path,
+            ProblemCode::WrongType,
+            format!("expected {expected}, got {}", type_name(got)),
+        );
     }
 
     /// The value as an object, or a problem.
@@ -106,10 +128,19 @@ impl Checker {
     }
 
     /// A member that must be present (`null` counts as absent).
-    pub fn required<'v>(&mut self, obj: &'v Map<String, Value>, parent: &str, field: &str) -> Option<&'v Value> {
+    pub fn required<'v>(
+        &mut self,
+        obj: &'v Map<String, Value>,
+        parent: &str,
+        field: &str,
+    ) -> Option<&'v Value> {
         match obj.get(field) {
             Some(Value::Null) | None => {
-                self.report(field_path(parent, field), ProblemCode::MissingField, format!("`{field}` is required"));
+                self.report(
+                    field_path(parent, field),
+                    ProblemCode::MissingField,
+                    format!("`{field}` is required"),
+                );
                 None
             }
             Some(v) => Some(v),
@@ -130,14 +161,24 @@ impl Checker {
         if let Some(max) = rule.max_bytes
             && s.len() > max
         {
-            self.report(path, ProblemCode::FieldTooLong, format!("{} bytes, limit {max}", s.len()));
+            self.report(
+                path,
+                ProblemCode::FieldTooLong,
+                format!("{} bytes, limit {max}", s.len()),
+            );
             ok = false;
         }
         ok.then_some(s.as_str())
     }
 
     /// A required string member.
-    pub fn text<'v>(&mut self, obj: &'v Map<String, Value>, parent: &str, field: &str, rule: Text) -> Option<&'v str> {
+    pub fn text<'v>(
+        &mut self,
+        obj: &'v Map<String, Value>,
+        parent: &str,
+        field: &str,
+        rule: Text,
+    ) -> Option<&'v str> {
         let value = self.required(obj, parent, field)?;
         self.text_value(value, &field_path(parent, field), rule)
     }
@@ -152,7 +193,9 @@ impl Checker {
     ) -> Option<Option<&'v str>> {
         match obj.get(field) {
             None | Some(Value::Null) => Some(None),
-            Some(v) => self.text_value(v, &field_path(parent, field), rule).map(Some),
+            Some(v) => self
+                .text_value(v, &field_path(parent, field), rule)
+                .map(Some),
         }
     }
 

@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Every target first runs
+# scripts/setup (idempotent; seconds on a warm cache) and builds with the paths of
+# scripts/env.sh, so a bare machine needs nothing else.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+ENV := source scripts/env.sh &&
+
+.PHONY: setup build test demo check fmt
+
+setup:
+	@scripts/setup
+
+build: setup
+	$(ENV) cargo build --workspace --bins
+
+## Run every test: unit, contract, golden, CLI and runtime smoke tests (nextest: one
+## process per test, so each loads native runtimes afresh).
+test: setup
+	$(ENV) cargo nextest run --workspace --no-fail-fast
+
+## Run the main job on the embedded default. ARGS are passed to scripts/demo.
+demo: build
+	$(ENV) scripts/demo $(ARGS)
+
+## Formatting and lints (not part of `make test`).
+check:
+	$(ENV) cargo fmt --all --check && cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
