@@ -1,1 +1,6 @@
 //! Helpers shared by the end-to-end tests under `tests/tests/`.
+//!
+//! - [`services`]: start real Redis and the tansu Kafka-protocol broker as child
+//!   processes on free loopback ports, and stop them (by PID) when dropped.
+
+pub mod services;

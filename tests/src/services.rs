@@ -1,0 +1,161 @@
+//! Real services for tests: each runs as a child process on a free 127.0.0.1 port,
+//! in its own temporary directory, and is killed when its handle drops (also when a
+//! test panics). Binaries come from `scripts/setup`: Redis from the system, tansu from
+//! `ALIGNX_TANSU` (set by `scripts/env.sh`).
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// A running service. Dropping it kills the process and removes its directory.
+pub struct Service {
+    name: &'static str,
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Service {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The service's working directory (data, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log_path(dir: &Path) -> PathBuf {
+        dir.join("service.log")
+    }
+
+    /// The service's combined output so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(Self::log_path(self.dir())).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago. Another process could take it before the
+/// service binds; `start` then fails with the service's own message.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind an ephemeral port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn spawn(
+    name: &'static str,
+    program: &Path,
+    args: &[String],
+    port: u16,
+    dir: tempfile::TempDir,
+) -> anyhow::Result<Service> {
+    let log = std::fs::File::create(Service::log_path(dir.path()))?;
+    let child = Command::new(program)
+        .args(args)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "start {name} ({}); did scripts/setup run?",
+                program.display()
+            )
+        })?;
+    let mut service = Service {
+        name,
+        child,
+        port,
+        dir,
+    };
+    wait_until_listening(&mut service, Duration::from_secs(20))?;
+    Ok(service)
+}
+
+fn wait_until_listening(service: &mut Service, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = service.child.try_wait()? {
+            bail!(
+                "{} exited ({status}) before listening:\n{}",
+                service.name,
+                service.log()
+            );
+        }
+        if TcpStream::connect_timeout(&service.addr(), Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} not listening on {} after {timeout:?}:\n{}",
+                service.name,
+                service.addr(),
+                service.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Redis with persistence off, in a fresh directory.
+pub fn start_redis() -> anyhow::Result<Service> {
+    let port = free_port()?;
+    let dir = tempfile::tempdir()?;
+    let args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    spawn("redis-server", Path::new("redis-server"), &args, port, dir)
+}
+
+/// The tansu broker with in-memory storage.
+pub fn start_tansu() -> anyhow::Result<Service> {
+    let program = std::env::var_os("ALIGNX_TANSU")
+        .map(PathBuf::from)
+        .context(
+            "ALIGNX_TANSU is not set: run tests through `make test` or `source scripts/env.sh`",
+        )?;
+    let port = free_port()?;
+    let url = format!("tcp://127.0.0.1:{port}");
+    let args: Vec<String> = [
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    spawn("tansu", &program, &args, port, tempfile::tempdir()?)
+}
