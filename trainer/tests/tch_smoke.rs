@@ -32,3 +32,26 @@ fn cpu_device_resolves_and_cuda_errors_clearly_without_a_gpu() {
     let auto = resolve(DeviceChoice::Auto).unwrap();
     assert_eq!(auto.is_cuda(), tch::Cuda::is_available());
 }
+
+/// On a GPU machine (`ALIGNX_EXPECT_CUDA=1`), `--device cuda` must resolve and compute
+/// what the CPU computes. Elsewhere this checks nothing beyond the test above.
+#[test]
+fn cuda_matches_cpu_when_a_gpu_is_expected() {
+    use alignx_trainer::device::{DeviceChoice, resolve};
+    if std::env::var("ALIGNX_EXPECT_CUDA").as_deref() != Ok("1") {
+        return;
+    }
+    let device =
+        resolve(DeviceChoice::Cuda).expect("ALIGNX_EXPECT_CUDA=1 but CUDA did not resolve");
+    assert!(device.is_cuda());
+    let x = Tensor::randn([64, 128], (Kind::Float, Device::Cpu));
+    let w = Tensor::randn([128, 32], (Kind::Float, Device::Cpu));
+    let cpu = x.matmul(&w).softmax(-1, Kind::Float);
+    let gpu = x
+        .to_device(device)
+        .matmul(&w.to_device(device))
+        .softmax(-1, Kind::Float)
+        .to_device(Device::Cpu);
+    let diff = (cpu - gpu).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "CPU and CUDA differ by {diff}");
+}
