@@ -56,39 +56,22 @@ fn validate(input: PathBuf, limits: Limits) -> anyhow::Result<ExitCode> {
     let reader: Box<dyn std::io::BufRead> = if input.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let file = std::fs::File::open(&input)
-            .with_context(|| format!("cannot open {}", input.display()))?;
+        let file = std::fs::File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
         Box::new(BufReader::new(file))
     };
     let report = validate_cmd::validate_lines(reader, &limits, |r| {
         println!("line {}: {} — {}", r.line, r.reason, r.detail);
     })
     .with_context(|| format!("cannot read {}", input.display()))?;
-    let kinds: Vec<String> = report
-        .valid
-        .iter()
-        .map(|(k, n)| format!("{k} {n}"))
-        .collect();
-    let reasons: Vec<String> = report
-        .rejected
-        .iter()
-        .map(|(k, n)| format!("{k} {n}"))
-        .collect();
+    let kinds: Vec<String> = report.valid.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let reasons: Vec<String> = report.rejected.iter().map(|(k, n)| format!("{k} {n}")).collect();
     println!("valid: {} ({})", report.valid_total(), kinds.join(", "));
     println!(
         "rejected: {}{}",
         report.rejected_total(),
-        if reasons.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", reasons.join(", "))
-        }
+        if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) }
     );
-    Ok(if report.rejected_total() == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if report.rejected_total() == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn main() -> ExitCode {
@@ -99,19 +82,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor { ort_library } => doctor(ort_library),
-        Command::Validate {
-            input,
-            max_id_bytes,
-            max_text_bytes,
-            max_message_bytes,
-        } => validate(
-            input,
-            Limits {
-                max_id_bytes,
-                max_text_bytes,
-                max_message_bytes,
-            },
-        ),
+        Command::Validate { input, max_id_bytes, max_text_bytes, max_message_bytes } => {
+            validate(input, Limits { max_id_bytes, max_text_bytes, max_message_bytes })
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");

@@ -20,10 +20,7 @@ pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 #[derive(Debug, thiserror::Error)]
 pub enum OrtLoadError {
     #[error("ONNX Runtime library {path} (from {source_name}) does not exist")]
-    Missing {
-        path: PathBuf,
-        source_name: &'static str,
-    },
+    Missing { path: PathBuf, source_name: &'static str },
     #[error(
         "ONNX Runtime {ORT_VERSION} not found; tried {tried}. Run scripts/setup and `source scripts/env.sh`, \
          set {ORT_DYLIB_ENV}, pass --ort-library, or put libonnxruntime.so next to the binary"
@@ -43,37 +40,23 @@ pub struct OrtRuntime {
 
 impl std::fmt::Debug for OrtRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OrtRuntime")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("OrtRuntime").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
 /// An explicitly named file must exist; no fallback hides a misconfiguration.
 fn explicit(path: PathBuf, source_name: &'static str) -> Result<PathBuf, OrtLoadError> {
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(OrtLoadError::Missing { path, source_name })
-    }
+    if path.is_file() { Ok(path) } else { Err(OrtLoadError::Missing { path, source_name }) }
 }
 
 /// The file names looked for next to the running binary.
 fn beside_binary() -> Vec<PathBuf> {
-    let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    else {
+    let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) else {
         return Vec::new();
     };
     [dir.clone(), dir.join("lib")]
         .iter()
-        .flat_map(|d| {
-            [
-                d.join(format!("libonnxruntime.so.{ORT_VERSION}")),
-                d.join("libonnxruntime.so"),
-            ]
-        })
+        .flat_map(|d| [d.join(format!("libonnxruntime.so.{ORT_VERSION}")), d.join("libonnxruntime.so")])
         .collect()
 }
 
@@ -88,24 +71,16 @@ pub fn locate(configured: Option<&Path>) -> Result<PathBuf, OrtLoadError> {
     let tried = beside_binary();
     tried.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
         let listed: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
-        OrtLoadError::NotFound {
-            tried: format!("{ORT_DYLIB_ENV} (unset), {}", listed.join(", ")),
-        }
+        OrtLoadError::NotFound { tried: format!("{ORT_DYLIB_ENV} (unset), {}", listed.join(", ")) }
     })
 }
 
 /// Locates, loads and initialises ONNX Runtime for this process.
 pub fn init(configured: Option<&Path>) -> Result<OrtRuntime, OrtLoadError> {
     let path = locate(configured)?;
-    let load_err = |message: String| OrtLoadError::Load {
-        path: path.clone(),
-        message,
-    };
+    let load_err = |message: String| OrtLoadError::Load { path: path.clone(), message };
     let builder = ort::init_from(&path).map_err(|e| load_err(e.to_string()))?;
-    let environment = builder
-        .with_name("alignx")
-        .build()
-        .map_err(|e| load_err(e.to_string()))?;
+    let environment = builder.with_name("alignx").build().map_err(|e| load_err(e.to_string()))?;
     Ok(OrtRuntime { environment, path })
 }
 

@@ -54,11 +54,7 @@ pub fn validate_lines(
             Err(problems) => {
                 let reason = problems.primary_code();
                 *report.rejected.entry(reason.as_str()).or_default() += 1;
-                on_reject(&Rejected {
-                    line: i + 1,
-                    reason,
-                    detail: problems.to_string(),
-                });
+                on_reject(&Rejected { line: i + 1, reason, detail: problems.to_string() });
             }
         }
     }
@@ -71,9 +67,7 @@ fn user_id_of(line: &[u8]) -> Option<String> {
     struct Keyed {
         user_id: String,
     }
-    serde_json::from_slice::<Keyed>(line)
-        .ok()
-        .map(|k| k.user_id)
+    serde_json::from_slice::<Keyed>(line).ok().map(|k| k.user_id)
 }
 
 #[cfg(test)]
@@ -89,19 +83,13 @@ mod tests {
             "\nnot json\n"
         );
         let mut rejected = Vec::new();
-        let report = validate_lines(input.as_bytes(), &Limits::default(), |r| {
-            rejected.push(r.clone())
-        })
-        .unwrap();
+        let report =
+            validate_lines(input.as_bytes(), &Limits::default(), |r| rejected.push(r.clone())).unwrap();
         assert_eq!(report.valid["text"], 1);
         assert_eq!(report.valid_total(), 1);
         assert_eq!(report.rejected["missing_field"], 1);
         assert_eq!(report.rejected["invalid_json"], 1);
         assert_eq!(rejected.iter().map(|r| r.line).collect::<Vec<_>>(), [3, 4]);
-        assert!(
-            rejected[0].detail.contains("$.chosen"),
-            "{}",
-            rejected[0].detail
-        );
+        assert!(rejected[0].detail.contains("$.chosen"), "{}", rejected[0].detail);
     }
 }

@@ -11,12 +11,7 @@ fn consumer(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run alignx-consumer");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -27,10 +22,7 @@ fn validate_reports_rejections_and_exit_code() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid: 1 (pair 0, text 0, ugc 1)"));
 
-    let out = consumer(
-        &["validate", "-"],
-        &format!("{good}\n{{\"kind\":\"pair\"}}\n"),
-    );
+    let out = consumer(&["validate", "-"], &format!("{good}\n{{\"kind\":\"pair\"}}\n"));
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("line 2: missing_field"), "{stdout}");
@@ -39,10 +31,7 @@ fn validate_reports_rejections_and_exit_code() {
 
 #[test]
 fn doctor_names_a_missing_library() {
-    let out = consumer(
-        &["doctor", "--ort-library", "/nonexistent/libonnxruntime.so"],
-        "",
-    );
+    let out = consumer(&["doctor", "--ort-library", "/nonexistent/libonnxruntime.so"], "");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
@@ -52,10 +41,6 @@ fn doctor_names_a_missing_library() {
 #[test]
 fn doctor_loads_the_configured_runtime() {
     let out = consumer(&["doctor"], "");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ORT Build Info"));
 }

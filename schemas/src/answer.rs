@@ -53,10 +53,7 @@ pub fn parse_answer(generation: &str, max_chars: usize) -> Result<Answer, Answer
     // the generation ended mid-answer. Earlier (outer or older) answers are superseded.
     let open = generation.rfind(OPEN).ok_or(AnswerFailure::NoAnswer)?;
     let body_start = open + OPEN.len();
-    let close = body_start
-        + generation[body_start..]
-            .find(CLOSE)
-            .ok_or(AnswerFailure::Truncated)?;
+    let close = body_start + generation[body_start..].find(CLOSE).ok_or(AnswerFailure::Truncated)?;
     let inner = &generation[body_start..close];
     let cleaned = inner.replace(PLACEHOLDER, "");
     let summary: String = cleaned.trim().chars().take(max_chars).collect();
@@ -65,11 +62,7 @@ pub fn parse_answer(generation: &str, max_chars: usize) -> Result<Answer, Answer
         return Err(AnswerFailure::Empty);
     }
     let before = &generation[..open];
-    let reasoning = before
-        .find("</think>")
-        .map_or(before, |end| &before[..end])
-        .trim()
-        .to_owned();
+    let reasoning = before.find("</think>").map_or(before, |end| &before[..end]).trim().to_owned();
     Ok(Answer { summary, reasoning })
 }
 
@@ -83,74 +76,41 @@ mod tests {
 
     #[test]
     fn plain_answer() {
-        let a = parse_answer(
-            " The user likes jokes. </think> <answer> Enjoys humour. </answer>",
-            2048,
-        )
-        .unwrap();
+        let a =
+            parse_answer(" The user likes jokes. </think> <answer> Enjoys humour. </answer>", 2048).unwrap();
         assert_eq!(a.summary, "Enjoys humour.");
         assert_eq!(a.reasoning, "The user likes jokes.");
     }
 
     #[test]
     fn last_answer_wins() {
-        assert_eq!(
-            summary("<answer>first</answer> more <answer>second</answer>").unwrap(),
-            "second"
-        );
+        assert_eq!(summary("<answer>first</answer> more <answer>second</answer>").unwrap(), "second");
     }
 
     #[test]
     fn nested_tags_take_the_innermost() {
-        assert_eq!(
-            summary("<answer>outer <answer>inner</answer>").unwrap(),
-            "inner"
-        );
+        assert_eq!(summary("<answer>outer <answer>inner</answer>").unwrap(), "inner");
         assert_eq!(summary("<answer>a</answer></answer>").unwrap(), "a");
     }
 
     #[test]
     fn placeholder_is_removed() {
-        assert_eq!(
-            summary("i.e., <answer> answer here </answer>"),
-            Err(AnswerFailure::Empty)
-        );
-        assert_eq!(
-            summary("<answer>answer here: likes cats</answer>").unwrap(),
-            ": likes cats"
-        );
+        assert_eq!(summary("i.e., <answer> answer here </answer>"), Err(AnswerFailure::Empty));
+        assert_eq!(summary("<answer>answer here: likes cats</answer>").unwrap(), ": likes cats");
     }
 
     #[test]
     fn missing_closing_tag_is_truncation() {
-        assert_eq!(
-            summary("thinking <answer> likes ca"),
-            Err(AnswerFailure::Truncated)
-        );
-        assert_eq!(
-            summary("<answer>old</answer> then <answer> new but cut"),
-            Err(AnswerFailure::Truncated)
-        );
+        assert_eq!(summary("thinking <answer> likes ca"), Err(AnswerFailure::Truncated));
+        assert_eq!(summary("<answer>old</answer> then <answer> new but cut"), Err(AnswerFailure::Truncated));
         assert_eq!(summary("no tags at all"), Err(AnswerFailure::NoAnswer));
-        assert_eq!(
-            summary("stray </answer> only"),
-            Err(AnswerFailure::NoAnswer)
-        );
-        assert_eq!(
-            summary("<answer>   \n </answer>"),
-            Err(AnswerFailure::Empty)
-        );
+        assert_eq!(summary("stray </answer> only"), Err(AnswerFailure::NoAnswer));
+        assert_eq!(summary("<answer>   \n </answer>"), Err(AnswerFailure::Empty));
     }
 
     #[test]
     fn unicode_and_newlines_survive_and_cap_counts_characters() {
-        assert_eq!(
-            summary("<answer>\nMag 🍣 und\nKürze.\n</answer>").unwrap(),
-            "Mag 🍣 und\nKürze."
-        );
-        assert_eq!(
-            parse_answer("<answer>ééééé</answer>", 3).unwrap().summary,
-            "ééé"
-        );
+        assert_eq!(summary("<answer>\nMag 🍣 und\nKürze.\n</answer>").unwrap(), "Mag 🍣 und\nKürze.");
+        assert_eq!(parse_answer("<answer>ééééé</answer>", 3).unwrap().summary, "ééé");
     }
 }

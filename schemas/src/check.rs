@@ -17,21 +17,12 @@ pub struct Text {
 
 impl Text {
     /// Any string, even empty.
-    pub const ANY: Text = Text {
-        non_empty: false,
-        max_bytes: None,
-    };
+    pub const ANY: Text = Text { non_empty: false, max_bytes: None };
     /// A string with at least one non-whitespace character.
-    pub const NON_EMPTY: Text = Text {
-        non_empty: true,
-        max_bytes: None,
-    };
+    pub const NON_EMPTY: Text = Text { non_empty: true, max_bytes: None };
 
     pub const fn non_empty_max(max_bytes: usize) -> Text {
-        Text {
-            non_empty: true,
-            max_bytes: Some(max_bytes),
-        }
+        Text { non_empty: true, max_bytes: Some(max_bytes) }
     }
 }
 
@@ -67,17 +58,8 @@ impl Checker {
         Self::default()
     }
 
-    pub fn report(
-        &mut self,
-        path: impl Into<String>,
-        code: ProblemCode,
-        message: impl Into<String>,
-    ) {
-        self.problems.push(Problem {
-            path: path.into(),
-            code,
-            message: message.into(),
-        });
+    pub fn report(&mut self, path: impl Into<String>, code: ProblemCode, message: impl Into<String>) {
+        self.problems.push(Problem { path: path.into(), code, message: message.into() });
     }
 
     /// Problems reported so far; compare before and after a sub-check to see if it failed.
@@ -89,20 +71,19 @@ impl Checker {
         self.problems.is_empty()
     }
 
-    /// Ends the walk: `Ok(value)` when nothing was reported.
-    pub fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, Problems> {
-        match Problems::from_vec(self.problems) {
-            None => Ok(value()),
-            Some(problems) => Err(problems),
+    /// Ends a walk whose result is `built`: the value when it was built and nothing was
+    /// reported, else every problem. A check that gave up without saying why would be a
+    /// bug; on untrusted input it still yields a problem at `path`, never a panic.
+    pub fn conclude<T>(self, built: Option<T>, path: &str) -> Result<T, Problems> {
+        match (Problems::from_vec(self.problems), built) {
+            (None, Some(value)) => Ok(value),
+            (Some(problems), _) => Err(problems),
+            (None, None) => Err(Problems::single(path, ProblemCode::InvalidValue, "rejected")),
         }
     }
 
     fn wrong_type(&mut self, path: &str, expected: &str, got: &Value) {
-        self.report(
-            path,
-            ProblemCode::WrongType,
-            format!("expected {expected}, got {}", type_name(got)),
-        );
+        self.report(path, ProblemCode::WrongType, format!("expected {expected}, got {}", type_name(got)));
     }
 
     /// The value as an object, or a problem.
@@ -161,11 +142,7 @@ impl Checker {
         if let Some(max) = rule.max_bytes
             && s.len() > max
         {
-            self.report(
-                path,
-                ProblemCode::FieldTooLong,
-                format!("{} bytes, limit {max}", s.len()),
-            );
+            self.report(path, ProblemCode::FieldTooLong, format!("{} bytes, limit {max}", s.len()));
             ok = false;
         }
         ok.then_some(s.as_str())
@@ -193,9 +170,7 @@ impl Checker {
     ) -> Option<Option<&'v str>> {
         match obj.get(field) {
             None | Some(Value::Null) => Some(None),
-            Some(v) => self
-                .text_value(v, &field_path(parent, field), rule)
-                .map(Some),
+            Some(v) => self.text_value(v, &field_path(parent, field), rule).map(Some),
         }
     }
 

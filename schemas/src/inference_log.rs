@@ -32,14 +32,8 @@ pub enum UpdateOutcome {
 }
 
 impl UpdateOutcome {
-    pub const ALL: [UpdateOutcome; 6] = [
-        Self::Applied,
-        Self::NoAnswer,
-        Self::Truncated,
-        Self::EmptyAnswer,
-        Self::EngineError,
-        Self::Stale,
-    ];
+    pub const ALL: [UpdateOutcome; 6] =
+        [Self::Applied, Self::NoAnswer, Self::Truncated, Self::EmptyAnswer, Self::EngineError, Self::Stale];
 
     pub fn as_str(self) -> &'static str {
         match self {

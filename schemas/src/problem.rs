@@ -104,11 +104,7 @@ impl Problems {
     }
 
     pub fn single(path: impl Into<String>, code: ProblemCode, message: impl Into<String>) -> Self {
-        Self(vec![Problem {
-            path: path.into(),
-            code,
-            message: message.into(),
-        }])
+        Self(vec![Problem { path: path.into(), code, message: message.into() }])
     }
 
     pub fn as_slice(&self) -> &[Problem] {

@@ -72,16 +72,13 @@ impl Default for Templates {
         Self {
             prefix: PREFIX.into(),
             suffix: "\nAssistant: <think>".into(),
-            base_header: "Generate the user's preference based on their historical behavior.\n\n"
-                .into(),
+            base_header: "Generate the user's preference based on their historical behavior.\n\n".into(),
             streaming_header: STREAMING_HEADER.into(),
             no_past: NO_PAST_SUMMARY.into(),
             ugc_header: "**This person has commented on some posts:**\n\n".into(),
             ugc_item: "{i}. *Post:*\n{post}\n\n*Comment:*\n{comment}\n\n".into(),
-            pairs_header: "**This person has chosen or rejected comments on some posts:**\n\n"
-                .into(),
-            pair_item: "{i}. *Post:*\n{post}\n\n*Chosen:*\n{chosen}\n\n*Rejected:*\n{rejected}\n\n"
-                .into(),
+            pairs_header: "**This person has chosen or rejected comments on some posts:**\n\n".into(),
+            pair_item: "{i}. *Post:*\n{post}\n\n*Chosen:*\n{chosen}\n\n*Rejected:*\n{rejected}\n\n".into(),
             texts_header: "**This person has written:**\n\n".into(),
             text_item: "{i}. {text}\n\n".into(),
             judge_system: "Generate a task-specific response.".into(),
@@ -98,21 +95,11 @@ impl Default for Templates {
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("cannot read template file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("template file {path} is not valid: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("template `{field}` uses unknown placeholder {{{name}}} (allowed: {allowed})")]
-    UnknownPlaceholder {
-        field: &'static str,
-        name: String,
-        allowed: String,
-    },
+    UnknownPlaceholder { field: &'static str, name: String, allowed: String },
 }
 
 /// Which prompt to build.
@@ -138,19 +125,14 @@ impl Evidence {
         let mut ev = Evidence::default();
         for s in signals {
             match &s.body {
-                SignalBody::Pair {
-                    post,
-                    chosen,
-                    rejected,
-                } => ev.pairs.push(HistoryPair {
+                SignalBody::Pair { post, chosen, rejected } => ev.pairs.push(HistoryPair {
                     prompt: post.clone(),
                     chosen: chosen.clone(),
                     rejected: rejected.clone(),
                 }),
-                SignalBody::Ugc { post, comment } => ev.ugc.push(HistoryComment {
-                    prompt: post.clone(),
-                    comment: comment.clone(),
-                }),
+                SignalBody::Ugc { post, comment } => {
+                    ev.ugc.push(HistoryComment { prompt: post.clone(), comment: comment.clone() })
+                }
                 SignalBody::Text { text } => ev.texts.push(text.clone()),
             }
         }
@@ -167,9 +149,7 @@ fn fill(template: &str, vars: &[(&str, &str)], out: &mut String) {
         let after = &rest[start + 1..];
         let var = after.find('}').and_then(|end| {
             let name = &after[..end];
-            vars.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| (end, *v))
+            vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (end, *v))
         });
         match var {
             Some((end, value)) => {
@@ -189,8 +169,7 @@ fn fill(template: &str, vars: &[(&str, &str)], out: &mut String) {
 fn placeholders(template: &str) -> impl Iterator<Item = &str> {
     template.split('{').skip(1).filter_map(|s| {
         let name = &s[..s.find('}')?];
-        (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            .then_some(name)
+        (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(name)
     })
 }
 
@@ -199,14 +178,10 @@ impl Templates {
     /// placeholders.
     pub fn from_file(path: &Path) -> Result<Self, TemplateError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| TemplateError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let t: Templates = toml::from_str(&text).map_err(|source| TemplateError::Parse {
-            path: shown,
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| TemplateError::Read { path: shown.clone(), source })?;
+        let t: Templates =
+            toml::from_str(&text).map_err(|source| TemplateError::Parse { path: shown, source })?;
         t.validate()?;
         Ok(t)
     }
@@ -221,18 +196,10 @@ impl Templates {
             ("ugc_header", &self.ugc_header, &[]),
             ("ugc_item", &self.ugc_item, &["i", "post", "comment"]),
             ("pairs_header", &self.pairs_header, &[]),
-            (
-                "pair_item",
-                &self.pair_item,
-                &["i", "post", "chosen", "rejected"],
-            ),
+            ("pair_item", &self.pair_item, &["i", "post", "chosen", "rejected"]),
             ("texts_header", &self.texts_header, &[]),
             ("text_item", &self.text_item, &["i", "text"]),
-            (
-                "judge_user",
-                &self.judge_user,
-                &["examples", "post", "summary", "a", "b"],
-            ),
+            ("judge_user", &self.judge_user, &["examples", "post", "summary", "a", "b"]),
             ("rgen_user", &self.rgen_user, &["summary", "post"]),
             ("judge_system", &self.judge_system, &[]),
             ("rgen_system", &self.rgen_system, &[]),
@@ -242,11 +209,7 @@ impl Templates {
                 return Err(TemplateError::UnknownPlaceholder {
                     field,
                     name: name.to_owned(),
-                    allowed: if allowed.is_empty() {
-                        "none".into()
-                    } else {
-                        allowed.join(", ")
-                    },
+                    allowed: if allowed.is_empty() { "none".into() } else { allowed.join(", ") },
                 });
             }
         }
@@ -260,9 +223,7 @@ impl Templates {
         match setting {
             Setting::Base => out.push_str(&self.base_header),
             Setting::Streaming { past } => {
-                let past = past
-                    .filter(|p| !p.trim().is_empty())
-                    .unwrap_or(&self.no_past);
+                let past = past.filter(|p| !p.trim().is_empty()).unwrap_or(&self.no_past);
                 fill(&self.streaming_header, &[("past", past)], &mut out);
             }
         }
@@ -270,11 +231,7 @@ impl Templates {
             out.push_str(&self.ugc_header);
             for (i, c) in ev.ugc.iter().enumerate() {
                 let n = (i + 1).to_string();
-                fill(
-                    &self.ugc_item,
-                    &[("i", &n), ("post", &c.prompt), ("comment", &c.comment)],
-                    &mut out,
-                );
+                fill(&self.ugc_item, &[("i", &n), ("post", &c.prompt), ("comment", &c.comment)], &mut out);
             }
         }
         if !ev.pairs.is_empty() {
@@ -325,24 +282,14 @@ impl Templates {
             ("b", b),
         ];
         fill(&self.judge_user, &vars, &mut user);
-        [
-            ChatMessage::system(&self.judge_system),
-            ChatMessage::user(user),
-        ]
+        [ChatMessage::system(&self.judge_system), ChatMessage::user(user)]
     }
 
     /// The R_gen chat: the post with the summary as context, `[system, user]`.
     pub fn rgen_messages(&self, summary: &str, post: &str) -> [ChatMessage; 2] {
         let mut user = String::new();
-        fill(
-            &self.rgen_user,
-            &[("summary", summary), ("post", post)],
-            &mut user,
-        );
-        [
-            ChatMessage::system(&self.rgen_system),
-            ChatMessage::user(user),
-        ]
+        fill(&self.rgen_user, &[("summary", summary), ("post", post)], &mut user);
+        [ChatMessage::system(&self.rgen_system), ChatMessage::user(user)]
     }
 }
 
@@ -355,16 +302,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn system(content: impl Into<String>) -> Self {
-        Self {
-            role: "system".into(),
-            content: content.into(),
-        }
+        Self { role: "system".into(), content: content.into() }
     }
     pub fn user(content: impl Into<String>) -> Self {
-        Self {
-            role: "user".into(),
-            content: content.into(),
-        }
+        Self { role: "user".into(), content: content.into() }
     }
 }
 
@@ -380,19 +321,11 @@ pub struct PromptInput {
 impl PromptInput {
     /// Parses and checks the input, reporting every problem with its path.
     pub fn parse(text: &str) -> Result<Self, Problems> {
-        let value: Value = serde_json::from_str(text).map_err(|e| {
-            Problems::single(
-                "$",
-                crate::ProblemCode::InvalidJson,
-                format!("not JSON: {e}"),
-            )
-        })?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Problems::single("$", crate::ProblemCode::InvalidJson, format!("not JSON: {e}")))?;
         let mut c = Checker::new();
         let parsed = Self::check(&mut c, &value);
-        match parsed {
-            Some(p) => c.finish(|| p),
-            None => Err(c.finish(|| ()).expect_err("a failed input has problems")),
-        }
+        c.conclude(parsed, "$")
     }
 
     fn check(c: &mut Checker, value: &Value) -> Option<Self> {
@@ -406,11 +339,7 @@ impl PromptInput {
                 let mut t = |f: &str| c.text(o, &p, f, Text::ANY).map(str::to_owned);
                 let (prompt, chosen, rejected) = (t("prompt"), t("chosen"), t("rejected"));
                 if let (Some(prompt), Some(chosen), Some(rejected)) = (prompt, chosen, rejected) {
-                    pairs.push(HistoryPair {
-                        prompt,
-                        chosen,
-                        rejected,
-                    });
+                    pairs.push(HistoryPair { prompt, chosen, rejected });
                 }
             }
         }
@@ -432,10 +361,8 @@ impl PromptInput {
             }
         }
         let bos = bos?;
-        (c.problem_count() == start).then(|| Self {
-            bos_token: bos.to_owned(),
-            evidence: Evidence { ugc, pairs, texts },
-        })
+        (c.problem_count() == start)
+            .then(|| Self { bos_token: bos.to_owned(), evidence: Evidence { ugc, pairs, texts } })
     }
 }
 
@@ -462,29 +389,20 @@ mod tests {
             ..Evidence::default()
         };
         let p = Templates::default().problem(Setting::Base, &ev);
-        assert!(
-            p.contains("1. *Post:*\n{chosen}\n\n*Chosen:*\n{i}{rejected}\n\n*Rejected:*\n{\n\n"),
-            "{p}"
-        );
+        assert!(p.contains("1. *Post:*\n{chosen}\n\n*Chosen:*\n{i}{rejected}\n\n*Rejected:*\n{\n\n"), "{p}");
     }
 
     #[test]
     fn streaming_uses_placeholder_without_past() {
         let t = Templates::default();
-        let ev = Evidence {
-            texts: vec!["I love puns.".into()],
-            ..Evidence::default()
-        };
+        let ev = Evidence { texts: vec!["I love puns.".into()], ..Evidence::default() };
         let none = t.problem(Setting::Streaming { past: None }, &ev);
-        assert!(none.contains("**Past Preferences:**\n\nNot provided\n\n**This person has written:**\n\n1. I love puns.\n\n"));
+        assert!(none.contains(
+            "**Past Preferences:**\n\nNot provided\n\n**This person has written:**\n\n1. I love puns.\n\n"
+        ));
         let blank = t.problem(Setting::Streaming { past: Some("  ") }, &ev);
         assert_eq!(none, blank);
-        let some = t.problem(
-            Setting::Streaming {
-                past: Some("Likes puns."),
-            },
-            &ev,
-        );
+        let some = t.problem(Setting::Streaming { past: Some("Likes puns.") }, &ev);
         assert!(some.contains("**Past Preferences:**\n\nLikes puns.\n\n"));
     }
 
@@ -496,20 +414,14 @@ mod tests {
             "Determine which response the user prefers based on the user\u{2019}s preferences."
         ));
         assert!(user.content.ends_with("<Prompt>\nP\n</Prompt>\n\n<Preference>\nS</Preference>\n\n<Response A>\nA\n</Response A>\n\n<Response B>\nB\n</Response B>\n\n"));
-        assert!(
-            user.content
-                .contains("{\"selection\": \"Response B\"}\n\n<Prompt>\nP")
-        );
+        assert!(user.content.contains("{\"selection\": \"Response B\"}\n\n<Prompt>\nP"));
         let [_, rgen] = Templates::default().rgen_messages("S", "P");
         assert_eq!(rgen.content, "***User Preferences***\n\nS***Task***\n\nP");
     }
 
     #[test]
     fn template_typos_are_caught() {
-        let t = Templates {
-            pair_item: "{i}. {psot}".into(),
-            ..Templates::default()
-        };
+        let t = Templates { pair_item: "{i}. {psot}".into(), ..Templates::default() };
         let err = t.validate().unwrap_err().to_string();
         assert!(err.contains("pair_item") && err.contains("{psot}"), "{err}");
         Templates::default().validate().unwrap();
@@ -517,17 +429,8 @@ mod tests {
 
     #[test]
     fn prompt_input_reports_fields() {
-        let err =
-            PromptInput::parse(r#"{"pairs":[{"prompt":"p","chosen":1}],"ugc":{}}"#).unwrap_err();
+        let err = PromptInput::parse(r#"{"pairs":[{"prompt":"p","chosen":1}],"ugc":{}}"#).unwrap_err();
         let paths: Vec<_> = err.as_slice().iter().map(|p| p.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "$.bos_token",
-                "$.pairs[0].chosen",
-                "$.pairs[0].rejected",
-                "$.ugc"
-            ]
-        );
+        assert_eq!(paths, ["$.bos_token", "$.pairs[0].chosen", "$.pairs[0].rejected", "$.ugc"]);
     }
 }

@@ -32,11 +32,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_id_bytes: 128,
-            max_text_bytes: 16 * 1024,
-            max_message_bytes: 64 * 1024,
-        }
+        Self { max_id_bytes: 128, max_text_bytes: 16 * 1024, max_message_bytes: 64 * 1024 }
     }
 }
 
@@ -77,19 +73,13 @@ pub struct Timestamp {
 impl Timestamp {
     pub fn parse(raw: &str) -> Result<Self, chrono::ParseError> {
         let dt = DateTime::parse_from_rfc3339(raw)?;
-        Ok(Self {
-            raw: raw.to_owned(),
-            unix_ms: dt.timestamp_millis(),
-        })
+        Ok(Self { raw: raw.to_owned(), unix_ms: dt.timestamp_millis() })
     }
 
     /// A timestamp from Unix milliseconds, rendered in UTC with millisecond precision.
     pub fn from_unix_ms(unix_ms: i64) -> Option<Self> {
         let dt = DateTime::from_timestamp_millis(unix_ms)?;
-        Some(Self {
-            raw: dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            unix_ms,
-        })
+        Some(Self { raw: dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), unix_ms })
     }
 
     pub fn as_str(&self) -> &str {
@@ -110,9 +100,8 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        Timestamp::parse(&raw).map_err(|e| {
-            serde::de::Error::custom(format!("invalid RFC 3339 timestamp {raw:?}: {e}"))
-        })
+        Timestamp::parse(&raw)
+            .map_err(|e| serde::de::Error::custom(format!("invalid RFC 3339 timestamp {raw:?}: {e}")))
     }
 }
 
@@ -121,11 +110,7 @@ impl<'de> Deserialize<'de> for Timestamp {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum SignalBody {
     /// The user chose `chosen` over `rejected` as a reply to `post`.
-    Pair {
-        post: String,
-        chosen: String,
-        rejected: String,
-    },
+    Pair { post: String, chosen: String, rejected: String },
     /// The user wrote `comment` in reply to `post`.
     Ugc { post: String, comment: String },
     /// Free-form text by the user, not tied to a post.
@@ -171,47 +156,24 @@ impl Signal {
 ///
 /// `key` must equal `user_id` so that all of a user's signals land in one partition
 /// and are applied in order; a message without a key is rejected for the same reason.
-pub fn validate_signal(
-    payload: &[u8],
-    key: Option<&[u8]>,
-    limits: &Limits,
-) -> Result<Signal, Problems> {
+pub fn validate_signal(payload: &[u8], key: Option<&[u8]>, limits: &Limits) -> Result<Signal, Problems> {
     if payload.len() > limits.max_message_bytes {
         return Err(Problems::single(
             "$",
             ProblemCode::MessageTooLarge,
-            format!(
-                "message is {} bytes, limit {}",
-                payload.len(),
-                limits.max_message_bytes
-            ),
+            format!("message is {} bytes, limit {}", payload.len(), limits.max_message_bytes),
         ));
     }
-    let text = std::str::from_utf8(payload).map_err(|e| {
-        Problems::single(
-            "$",
-            ProblemCode::InvalidUtf8,
-            format!("payload is not UTF-8: {e}"),
-        )
-    })?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        Problems::single(
-            "$",
-            ProblemCode::InvalidJson,
-            format!("payload is not JSON: {e}"),
-        )
-    })?;
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| Problems::single("$", ProblemCode::InvalidUtf8, format!("payload is not UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Problems::single("$", ProblemCode::InvalidJson, format!("payload is not JSON: {e}")))?;
     let mut c = Checker::new();
     let signal = check_signal(&mut c, &value, limits);
     if let Some(signal) = &signal {
         check_key(&mut c, key, &signal.user_id);
     }
-    match signal {
-        Some(signal) => c.finish(|| signal),
-        None => Err(c
-            .finish(|| ())
-            .expect_err("a signal that failed to build has problems")),
-    }
+    c.conclude(signal, "$")
 }
 
 fn check_key(c: &mut Checker, key: Option<&[u8]>, user_id: &str) {
@@ -220,16 +182,11 @@ fn check_key(c: &mut Checker, key: Option<&[u8]>, user_id: &str) {
         Some(k) => c.report(
             "$.user_id",
             ProblemCode::KeyMismatch,
-            format!(
-                "message key {:?} differs from user_id",
-                String::from_utf8_lossy(k)
-            ),
+            format!("message key {:?} differs from user_id", String::from_utf8_lossy(k)),
         ),
-        None => c.report(
-            "$.user_id",
-            ProblemCode::KeyMismatch,
-            "message has no key; the key must be the user_id",
-        ),
+        None => {
+            c.report("$.user_id", ProblemCode::KeyMismatch, "message has no key; the key must be the user_id")
+        }
     }
 }
 
@@ -241,11 +198,7 @@ fn check_id<'v>(
 ) -> Option<&'v str> {
     let id = c.text(obj, "$", field, Text::non_empty_max(limits.max_id_bytes))?;
     if id.chars().any(char::is_control) {
-        c.report(
-            field_path("$", field),
-            ProblemCode::InvalidId,
-            "must not contain control characters",
-        );
+        c.report(field_path("$", field), ProblemCode::InvalidId, "must not contain control characters");
         return None;
     }
     Some(id)
@@ -254,28 +207,20 @@ fn check_id<'v>(
 /// Walks the whole document, reporting each problem; builds the signal only if all is well.
 fn check_signal(c: &mut Checker, value: &Value, limits: &Limits) -> Option<Signal> {
     let obj = c.object(value, "$")?;
-    let schema = c.one_of(
-        obj,
-        "$",
-        "schema",
-        &[SIGNAL_SCHEMA],
-        ProblemCode::UnknownSchema,
-    );
+    let schema = c.one_of(obj, "$", "schema", &[SIGNAL_SCHEMA], ProblemCode::UnknownSchema);
     let user_id = check_id(c, obj, "user_id", limits);
     let signal_id = check_id(c, obj, "signal_id", limits);
-    let ts = c
-        .text(obj, "$", "ts", Text::ANY)
-        .and_then(|raw| match Timestamp::parse(raw) {
-            Ok(ts) => Some(ts),
-            Err(e) => {
-                c.report(
-                    "$.ts",
-                    ProblemCode::InvalidTimestamp,
-                    format!("{raw:?} is not an RFC 3339 timestamp: {e}"),
-                );
-                None
-            }
-        });
+    let ts = c.text(obj, "$", "ts", Text::ANY).and_then(|raw| match Timestamp::parse(raw) {
+        Ok(ts) => Some(ts),
+        Err(e) => {
+            c.report(
+                "$.ts",
+                ProblemCode::InvalidTimestamp,
+                format!("{raw:?} is not an RFC 3339 timestamp: {e}"),
+            );
+            None
+        }
+    });
     let body = check_body(c, obj, limits);
     let (_, user_id, signal_id, ts, body) = (schema?, user_id?, signal_id?, ts?, body?);
     Some(Signal {
@@ -295,22 +240,13 @@ fn check_body(c: &mut Checker, obj: &Map<String, Value>, limits: &Limits) -> Opt
     match kind {
         "pair" => {
             let (post, chosen, rejected) = (text("post"), text("chosen"), text("rejected"));
-            Some(SignalBody::Pair {
-                post: post?,
-                chosen: chosen?,
-                rejected: rejected?,
-            })
+            Some(SignalBody::Pair { post: post?, chosen: chosen?, rejected: rejected? })
         }
         "ugc" => {
             let (post, comment) = (text("post"), text("comment"));
-            Some(SignalBody::Ugc {
-                post: post?,
-                comment: comment?,
-            })
+            Some(SignalBody::Ugc { post: post?, comment: comment? })
         }
-        _ => Some(SignalBody::Text {
-            text: text("text")?,
-        }),
+        _ => Some(SignalBody::Text { text: text("text")? }),
     }
 }
 
@@ -319,11 +255,7 @@ mod tests {
     use super::*;
 
     fn codes(r: Result<Signal, Problems>) -> Vec<(String, ProblemCode)> {
-        r.expect_err("should be rejected")
-            .into_vec()
-            .into_iter()
-            .map(|p| (p.path, p.code))
-            .collect()
+        r.expect_err("should be rejected").into_vec().into_iter().map(|p| (p.path, p.code)).collect()
     }
 
     const PAIR: &str = r#"{"schema":"alignx.signal.v1","user_id":"u1","signal_id":"s1","ts":"2026-01-02T03:04:05.678+01:00","kind":"pair","post":"P","chosen":"C","rejected":"R"}"#;
@@ -340,11 +272,7 @@ mod tests {
     #[test]
     fn reports_every_problem_with_its_path() {
         let doc = r#"{"schema":"alignx.signal.v2","user_id":"","signal_id":7,"ts":"yesterday","kind":"pair","post":"  ","chosen":"C"}"#;
-        let got = codes(validate_signal(
-            doc.as_bytes(),
-            Some(b""),
-            &Limits::default(),
-        ));
+        let got = codes(validate_signal(doc.as_bytes(), Some(b""), &Limits::default()));
         assert_eq!(
             got,
             vec![
@@ -361,11 +289,7 @@ mod tests {
     #[test]
     fn key_must_match_user_id() {
         assert_eq!(
-            codes(validate_signal(
-                PAIR.as_bytes(),
-                Some(b"u2"),
-                &Limits::default()
-            )),
+            codes(validate_signal(PAIR.as_bytes(), Some(b"u2"), &Limits::default())),
             vec![("$.user_id".into(), ProblemCode::KeyMismatch)]
         );
         assert_eq!(
@@ -376,20 +300,14 @@ mod tests {
 
     #[test]
     fn limits_are_bytes() {
-        let limits = Limits {
-            max_text_bytes: 4,
-            ..Limits::default()
-        };
+        let limits = Limits { max_text_bytes: 4, ..Limits::default() };
         // "ééé" is 3 characters but 6 bytes.
         let doc = PAIR.replace("\"C\"", "\"ééé\"");
         assert_eq!(
             codes(validate_signal(doc.as_bytes(), Some(b"u1"), &limits)),
             vec![("$.chosen".into(), ProblemCode::FieldTooLong)]
         );
-        let small = Limits {
-            max_message_bytes: 10,
-            ..Limits::default()
-        };
+        let small = Limits { max_message_bytes: 10, ..Limits::default() };
         assert_eq!(
             codes(validate_signal(PAIR.as_bytes(), Some(b"u1"), &small))[0].1,
             ProblemCode::MessageTooLarge
@@ -399,39 +317,20 @@ mod tests {
     #[test]
     fn hostile_bytes_are_rejected_not_panicked_on() {
         let l = Limits::default();
-        assert_eq!(
-            codes(validate_signal(b"\xff\xfe", Some(b"u"), &l))[0].1,
-            ProblemCode::InvalidUtf8
-        );
-        assert_eq!(
-            codes(validate_signal(b"{\"a\":", Some(b"u"), &l))[0].1,
-            ProblemCode::InvalidJson
-        );
+        assert_eq!(codes(validate_signal(b"\xff\xfe", Some(b"u"), &l))[0].1, ProblemCode::InvalidUtf8);
+        assert_eq!(codes(validate_signal(b"{\"a\":", Some(b"u"), &l))[0].1, ProblemCode::InvalidJson);
         let deep = "[".repeat(10_000);
-        assert_eq!(
-            codes(validate_signal(deep.as_bytes(), Some(b"u"), &l))[0].1,
-            ProblemCode::InvalidJson
-        );
-        assert_eq!(
-            codes(validate_signal(b"[1]", Some(b"u"), &l))[0].1,
-            ProblemCode::WrongType
-        );
+        assert_eq!(codes(validate_signal(deep.as_bytes(), Some(b"u"), &l))[0].1, ProblemCode::InvalidJson);
+        assert_eq!(codes(validate_signal(b"[1]", Some(b"u"), &l))[0].1, ProblemCode::WrongType);
         let ctrl = PAIR.replace("\"u1\"", "\"u\\u0000\"");
-        assert_eq!(
-            codes(validate_signal(ctrl.as_bytes(), Some(b"u\0"), &l))[0].1,
-            ProblemCode::InvalidId
-        );
+        assert_eq!(codes(validate_signal(ctrl.as_bytes(), Some(b"u\0"), &l))[0].1, ProblemCode::InvalidId);
     }
 
     #[test]
     fn unknown_kind_is_its_own_code() {
         let doc = PAIR.replace("\"kind\":\"pair\"", "\"kind\":\"like\"");
         assert_eq!(
-            codes(validate_signal(
-                doc.as_bytes(),
-                Some(b"u1"),
-                &Limits::default()
-            )),
+            codes(validate_signal(doc.as_bytes(), Some(b"u1"), &Limits::default())),
             vec![("$.kind".into(), ProblemCode::UnknownKind)]
         );
     }

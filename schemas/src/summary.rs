@@ -69,10 +69,7 @@ impl SummaryRecord {
     }
 
     /// Reads the record back from a hash (`HGETALL`), reporting every bad field.
-    pub fn from_hash_fields(
-        user_id: &str,
-        fields: &HashMap<String, String>,
-    ) -> Result<Self, Problems> {
+    pub fn from_hash_fields(user_id: &str, fields: &HashMap<String, String>) -> Result<Self, Problems> {
         let mut problems = Vec::new();
         let mut get = |name: &str| -> Option<&String> {
             let v = fields.get(name);
@@ -96,9 +93,7 @@ impl SummaryRecord {
         let mut number = |name: &str, v: Option<&String>| -> Option<u64> {
             let v = v?;
             v.parse()
-                .map_err(|_| {
-                    problems.push(bad(name, format!("{v:?} is not a non-negative integer")))
-                })
+                .map_err(|_| problems.push(bad(name, format!("{v:?} is not a non-negative integer"))))
                 .ok()
         };
         let (version, updated, applied_n) = (
@@ -109,10 +104,7 @@ impl SummaryRecord {
         let applied = applied.and_then(|v| {
             serde_json::from_str::<BTreeMap<i32, i64>>(v)
                 .map_err(|e| {
-                    problems.push(bad(
-                        field::APPLIED,
-                        format!("not a partition→offset JSON map: {e}"),
-                    ))
+                    problems.push(bad(field::APPLIED, format!("not a partition→offset JSON map: {e}")))
                 })
                 .ok()
         });
@@ -134,11 +126,7 @@ impl SummaryRecord {
 }
 
 fn bad(name: &str, message: String) -> crate::Problem {
-    crate::Problem {
-        path: format!("$.{name}"),
-        code: ProblemCode::WrongType,
-        message,
-    }
+    crate::Problem { path: format!("$.{name}"), code: ProblemCode::WrongType, message }
 }
 
 #[cfg(test)]
@@ -158,11 +146,8 @@ mod tests {
             applied: BTreeMap::from([(0, 41), (3, 7)]),
             reasoning: None,
         };
-        let fields: HashMap<String, String> = rec
-            .to_hash_fields()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
+        let fields: HashMap<String, String> =
+            rec.to_hash_fields().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         assert_eq!(fields["applied"], r#"{"0":41,"3":7}"#);
         assert_eq!(SummaryRecord::from_hash_fields("u", &fields).unwrap(), rec);
     }
@@ -176,15 +161,6 @@ mod tests {
         ]);
         let err = SummaryRecord::from_hash_fields("u", &fields).unwrap_err();
         let paths: Vec<_> = err.as_slice().iter().map(|p| p.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "$.model",
-                "$.updated_at_ms",
-                "$.signals_applied",
-                "$.version",
-                "$.applied"
-            ]
-        );
+        assert_eq!(paths, ["$.model", "$.updated_at_ms", "$.signals_applied", "$.version", "$.applied"]);
     }
 }

@@ -32,11 +32,7 @@ impl Choice {
     }
 
     fn from_label(s: &str) -> Choice {
-        if s == Self::LABELS[0] {
-            Choice::A
-        } else {
-            Choice::B
-        }
+        if s == Self::LABELS[0] { Choice::A } else { Choice::B }
     }
 }
 
@@ -83,11 +79,7 @@ impl Serialize for RlRecord {
         let assistant =
             serde_json::json!({"from": "assistant", "ground_truth": {"value": self.ground_truth}});
         let mut seq = s.serialize_seq(Some(2))?;
-        seq.serialize_element(&Human {
-            from: "human",
-            value: &self.value,
-            comparison: &self.comparison,
-        })?;
+        seq.serialize_element(&Human { from: "human", value: &self.value, comparison: &self.comparison })?;
         seq.serialize_element(&assistant)?;
         seq.end()
     }
@@ -133,11 +125,7 @@ pub struct HistoryComment {
 pub struct EvalRecord {
     #[serde(rename = "Pair-wise Comparative Feedback")]
     pub pairs: Vec<HistoryPair>,
-    #[serde(
-        rename = "User-Generated Content",
-        default,
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(rename = "User-Generated Content", default, skip_serializing_if = "Vec::is_empty")]
     pub ugc: Vec<HistoryComment>,
     /// The held-out post.
     pub prompt: String,
@@ -162,33 +150,19 @@ impl TrainingRecord for ColdStartRecord {
         let obj = c.object(value, path)?;
         let prompt = c.text(obj, path, "prompt", Text::NON_EMPTY);
         let response = c.text(obj, path, "response", Text::NON_EMPTY);
-        Some(Self {
-            prompt: prompt?.to_owned(),
-            response: response?.to_owned(),
-        })
+        Some(Self { prompt: prompt?.to_owned(), response: response?.to_owned() })
     }
 }
 
-fn check_choice(
-    c: &mut Checker,
-    obj: &Map<String, Value>,
-    path: &str,
-    field: &str,
-) -> Option<Choice> {
-    c.one_of(obj, path, field, &Choice::LABELS, ProblemCode::InvalidValue)
-        .map(Choice::from_label)
+fn check_choice(c: &mut Checker, obj: &Map<String, Value>, path: &str, field: &str) -> Option<Choice> {
+    c.one_of(obj, path, field, &Choice::LABELS, ProblemCode::InvalidValue).map(Choice::from_label)
 }
 
 /// Checks the comparison members of `obj`, and that `answer` really points at `chosen`.
 fn check_comparison(c: &mut Checker, obj: &Map<String, Value>, path: &str) -> Option<Comparison> {
     let mut text = |f: &str| c.text(obj, path, f, Text::NON_EMPTY).map(str::to_owned);
-    let (task, chosen, rejected, a, b) = (
-        text("task"),
-        text("chosen"),
-        text("rejected"),
-        text("responseA"),
-        text("responseB"),
-    );
+    let (task, chosen, rejected, a, b) =
+        (text("task"), text("chosen"), text("rejected"), text("responseA"), text("responseB"));
     let answer = check_choice(c, obj, path, "answer");
     let cmp = Comparison {
         task: task?,
@@ -235,25 +209,14 @@ impl TrainingRecord for RlRecord {
         let from_h = c.one_of(human, &hp, "from", &["human"], ProblemCode::InvalidValue);
         let value = c.text(human, &hp, "value", Text::NON_EMPTY);
         let comparison = check_comparison(c, human, &hp);
-        let from_a = c.one_of(
-            assistant,
-            &ap,
-            "from",
-            &["assistant"],
-            ProblemCode::InvalidValue,
-        );
+        let from_a = c.one_of(assistant, &ap, "from", &["assistant"], ProblemCode::InvalidValue);
         let gt_path = field_path(&ap, "ground_truth");
         let ground_truth = c
             .required(assistant, &ap, "ground_truth")
             .and_then(|gt| c.object(gt, &gt_path))
             .and_then(|gt| check_choice(c, gt, &gt_path, "value"));
-        let (_, _, value, comparison, ground_truth) =
-            (from_h?, from_a?, value?, comparison?, ground_truth?);
-        Some(Self {
-            value: value.to_owned(),
-            comparison,
-            ground_truth,
-        })
+        let (_, _, value, comparison, ground_truth) = (from_h?, from_a?, value?, comparison?, ground_truth?);
+        Some(Self { value: value.to_owned(), comparison, ground_truth })
     }
 }
 
@@ -263,11 +226,7 @@ impl TrainingRecord for StreamingRlRecord {
         let entries = c.array(value, path)?;
         let start = c.problem_count();
         if entries.is_empty() {
-            c.report(
-                path,
-                ProblemCode::EmptyField,
-                "a streaming record needs at least one entry",
-            );
+            c.report(path, ProblemCode::EmptyField, "a streaming record needs at least one entry");
         }
         let mut out = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter().enumerate() {
@@ -276,18 +235,11 @@ impl TrainingRecord for StreamingRlRecord {
                 continue;
             };
             let hp = field_path(&ep, "history");
-            let Some(steps) = c
-                .required(obj, &ep, "history")
-                .and_then(|h| c.array(h, &hp))
-            else {
+            let Some(steps) = c.required(obj, &ep, "history").and_then(|h| c.array(h, &hp)) else {
                 continue;
             };
             if steps.is_empty() {
-                c.report(
-                    &hp,
-                    ProblemCode::EmptyField,
-                    "history needs at least one step",
-                );
+                c.report(&hp, ProblemCode::EmptyField, "history needs at least one step");
             }
             let mut history = Vec::with_capacity(steps.len());
             for (j, step) in steps.iter().enumerate() {
@@ -298,10 +250,7 @@ impl TrainingRecord for StreamingRlRecord {
                 let value = c.text(s, &sp, "value", Text::NON_EMPTY);
                 let comparison = check_comparison(c, s, &sp);
                 if let (Some(value), Some(comparison)) = (value, comparison) {
-                    history.push(StreamingStep {
-                        value: value.to_owned(),
-                        comparison,
-                    });
+                    history.push(StreamingStep { value: value.to_owned(), comparison });
                 }
             }
             out.push(StreamingEntry { history });
@@ -314,29 +263,15 @@ impl TrainingRecord for EvalRecord {
     const NAME: &'static str = "eval";
     fn check(c: &mut Checker, value: &Value, path: &str) -> Option<Self> {
         let obj = c.object(value, path)?;
-        let pairs = check_list(
-            c,
-            obj,
-            path,
-            "Pair-wise Comparative Feedback",
-            true,
-            |c, o, p| {
-                let mut t = |f: &str| c.text(o, p, f, Text::NON_EMPTY).map(str::to_owned);
-                let (prompt, chosen, rejected) = (t("prompt"), t("chosen"), t("rejected"));
-                Some(HistoryPair {
-                    prompt: prompt?,
-                    chosen: chosen?,
-                    rejected: rejected?,
-                })
-            },
-        );
+        let pairs = check_list(c, obj, path, "Pair-wise Comparative Feedback", true, |c, o, p| {
+            let mut t = |f: &str| c.text(o, p, f, Text::NON_EMPTY).map(str::to_owned);
+            let (prompt, chosen, rejected) = (t("prompt"), t("chosen"), t("rejected"));
+            Some(HistoryPair { prompt: prompt?, chosen: chosen?, rejected: rejected? })
+        });
         let ugc = check_list(c, obj, path, "User-Generated Content", false, |c, o, p| {
             let mut t = |f: &str| c.text(o, p, f, Text::NON_EMPTY).map(str::to_owned);
             let (prompt, comment) = (t("prompt"), t("comment"));
-            Some(HistoryComment {
-                prompt: prompt?,
-                comment: comment?,
-            })
+            Some(HistoryComment { prompt: prompt?, comment: comment? })
         });
         let mut t = |f: &str| c.text(obj, path, f, Text::NON_EMPTY).map(str::to_owned);
         let (prompt, a, b) = (t("prompt"), t("responseA"), t("responseB"));
@@ -390,12 +325,10 @@ pub fn read_records<T: TrainingRecord>(text: &str) -> Result<Vec<T>, Problems> {
         && !(T::NAME == RlRecord::NAME && items.first().is_some_and(Value::is_object))
     {
         let mut c = Checker::new();
-        let records: Vec<T> = items
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| T::check(&mut c, v, &index_path("$", i)))
-            .collect();
-        return c.finish(|| records);
+        // Check every record (not `collect::<Option<_>>`, which stops at the first bad one).
+        let checked: Vec<Option<T>> =
+            items.iter().enumerate().map(|(i, v)| T::check(&mut c, v, &index_path("$", i))).collect();
+        return c.conclude(checked.into_iter().collect(), "$");
     }
     let mut problems: Vec<Problem> = Vec::new();
     let mut records = Vec::new();
@@ -405,20 +338,13 @@ pub fn read_records<T: TrainingRecord>(text: &str) -> Result<Vec<T>, Problems> {
         }
         let path = format!("line {}: $", n + 1);
         match serde_json::from_str::<Value>(line) {
-            Err(e) => problems.push(Problem {
-                path,
-                code: ProblemCode::InvalidJson,
-                message: e.to_string(),
-            }),
+            Err(e) => problems.push(Problem { path, code: ProblemCode::InvalidJson, message: e.to_string() }),
             Ok(v) => {
                 let mut c = Checker::new();
-                match T::check(&mut c, &v, &path) {
-                    Some(r) if c.is_clean() => records.push(r),
-                    _ => problems.extend(
-                        c.finish(|| ())
-                            .expect_err("a failed record has problems")
-                            .into_vec(),
-                    ),
+                let record = T::check(&mut c, &v, &path);
+                match c.conclude(record, &path) {
+                    Ok(r) => records.push(r),
+                    Err(p) => problems.extend(p.into_vec()),
                 }
             }
         }

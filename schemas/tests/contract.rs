@@ -28,12 +28,7 @@ fn schemas() -> Vec<(String, Value)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .map(|p| {
-            (
-                p.file_stem().unwrap().to_string_lossy().into_owned(),
-                load(&p),
-            )
-        })
+        .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), load(&p)))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -41,14 +36,8 @@ fn schemas() -> Vec<(String, Value)> {
 
 fn validators() -> Vec<(String, Validator)> {
     let all = schemas();
-    let resources = all
-        .iter()
-        .map(|(_, s)| (s["$id"].as_str().unwrap().to_owned(), s.clone()));
-    let registry = Registry::new()
-        .extend(resources)
-        .unwrap()
-        .prepare()
-        .unwrap();
+    let resources = all.iter().map(|(_, s)| (s["$id"].as_str().unwrap().to_owned(), s.clone()));
+    let registry = Registry::new().extend(resources).unwrap().prepare().unwrap();
     all.iter()
         .map(|(name, schema)| {
             let v = jsonschema::options()
@@ -63,9 +52,7 @@ fn validators() -> Vec<(String, Validator)> {
 
 fn training<T: TrainingRecord + serde::Serialize>(doc: &Value) -> Result<Value, String> {
     let text = serde_json::to_string(&vec![doc]).unwrap();
-    read_records::<T>(&text)
-        .map(|r| serde_json::to_value(&r[0]).unwrap())
-        .map_err(|e| e.to_string())
+    read_records::<T>(&text).map(|r| serde_json::to_value(&r[0]).unwrap()).map_err(|e| e.to_string())
 }
 
 /// Our Rust reading of a document: `Ok(re-serialised)` or the problems.
@@ -95,10 +82,8 @@ fn rust_side(schema: &str, doc: &Value) -> Result<Value, String> {
 #[test]
 fn examples_agree_with_schema_and_types() {
     let validators = validators();
-    let mut examples: Vec<PathBuf> = std::fs::read_dir(json_dir().join("examples"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut examples: Vec<PathBuf> =
+        std::fs::read_dir(json_dir().join("examples")).unwrap().map(|e| e.unwrap().path()).collect();
     examples.sort();
     let mut seen_valid = std::collections::BTreeSet::new();
     let mut seen_invalid = std::collections::BTreeSet::new();
@@ -116,55 +101,31 @@ fn examples_agree_with_schema_and_types() {
             .find(|(n, _)| *n == schema)
             .unwrap_or_else(|| panic!("example {name} names unknown schema {schema}"));
         let doc = load(path);
-        let schema_errors: Vec<String> =
-            validator.iter_errors(&doc).map(|e| e.to_string()).collect();
+        let schema_errors: Vec<String> = validator.iter_errors(&doc).map(|e| e.to_string()).collect();
         let rust = rust_side(&schema, &doc);
         if expect_valid {
             assert!(
                 schema_errors.is_empty(),
                 "{name}: JSON Schema rejects a valid example: {schema_errors:?}"
             );
-            let round =
-                rust.unwrap_or_else(|e| panic!("{name}: Rust types reject a valid example: {e}"));
-            let again: Vec<String> = validator
-                .iter_errors(&round)
-                .map(|e| e.to_string())
-                .collect();
-            assert!(
-                again.is_empty(),
-                "{name}: re-serialised value breaks the schema: {again:?}\n{round}"
-            );
+            let round = rust.unwrap_or_else(|e| panic!("{name}: Rust types reject a valid example: {e}"));
+            let again: Vec<String> = validator.iter_errors(&round).map(|e| e.to_string()).collect();
+            assert!(again.is_empty(), "{name}: re-serialised value breaks the schema: {again:?}\n{round}");
             seen_valid.insert(schema);
         } else {
-            assert!(
-                !schema_errors.is_empty(),
-                "{name}: JSON Schema accepts an invalid example"
-            );
-            assert!(
-                rust.is_err(),
-                "{name}: Rust types accept an invalid example"
-            );
+            assert!(!schema_errors.is_empty(), "{name}: JSON Schema accepts an invalid example");
+            assert!(rust.is_err(), "{name}: Rust types accept an invalid example");
             seen_invalid.insert(schema);
         }
     }
-    let names: std::collections::BTreeSet<String> =
-        validators.into_iter().map(|(n, _)| n).collect();
-    assert_eq!(
-        seen_valid, names,
-        "every schema needs at least one valid example"
-    );
-    assert_eq!(
-        seen_invalid, names,
-        "every schema needs at least one invalid example"
-    );
+    let names: std::collections::BTreeSet<String> = validators.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(seen_valid, names, "every schema needs at least one valid example");
+    assert_eq!(seen_invalid, names, "every schema needs at least one invalid example");
 }
 
 #[test]
 fn signal_schema_states_the_default_limits() {
-    let (_, schema) = schemas()
-        .into_iter()
-        .find(|(n, _)| n == "signal.v1")
-        .unwrap();
+    let (_, schema) = schemas().into_iter().find(|(n, _)| n == "signal.v1").unwrap();
     let limits = Limits::default();
     assert_eq!(schema["$defs"]["id"]["maxLength"], limits.max_id_bytes);
     assert_eq!(schema["$defs"]["text"]["maxLength"], limits.max_text_bytes);

@@ -14,11 +14,7 @@ fn golden_cases() -> Vec<(String, PathBuf, PathBuf)> {
         .unwrap()
         .filter_map(|e| {
             let p = e.unwrap().path();
-            let name = p
-                .file_name()?
-                .to_str()?
-                .strip_suffix(".input.json")?
-                .to_owned();
+            let name = p.file_name()?.to_str()?.strip_suffix(".input.json")?.to_owned();
             let expected = dir.join(format!("{name}.prompt.txt"));
             Some((name, p, expected))
         })
@@ -30,11 +26,7 @@ fn golden_cases() -> Vec<(String, PathBuf, PathBuf)> {
 #[test]
 fn every_golden_input_renders_byte_for_byte() {
     let cases = golden_cases();
-    assert!(
-        cases.len() >= 4,
-        "expected the golden vectors under {}",
-        spec_dir().display()
-    );
+    assert!(cases.len() >= 4, "expected the golden vectors under {}", spec_dir().display());
     let templates = Templates::default();
     for (name, input, expected) in cases {
         let input = PromptInput::parse(&std::fs::read_to_string(&input).unwrap())
@@ -50,9 +42,7 @@ fn every_golden_input_renders_byte_for_byte() {
             panic!(
                 "{name}: prompt differs at byte {at}\n got: {:?}\nwant: {:?}",
                 &got[at.saturating_sub(40)..(at + 40).min(got.len())],
-                String::from_utf8_lossy(
-                    &expected[at.saturating_sub(40)..(at + 40).min(expected.len())]
-                )
+                String::from_utf8_lossy(&expected[at.saturating_sub(40)..(at + 40).min(expected.len())])
             );
         }
     }
@@ -63,10 +53,7 @@ fn every_golden_input_renders_byte_for_byte() {
 fn vendored_spec_matches_shared_spec() {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/spec");
     if !shared.is_dir() {
-        eprintln!(
-            "note: {} not present; vendored copy not compared",
-            shared.display()
-        );
+        eprintln!("note: {} not present; vendored copy not compared", shared.display());
         return;
     }
     let mut compared = 0;

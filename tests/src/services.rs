@@ -75,18 +75,8 @@ fn spawn(
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .with_context(|| {
-            format!(
-                "start {name} ({}); did scripts/setup run?",
-                program.display()
-            )
-        })?;
-    let mut service = Service {
-        name,
-        child,
-        port,
-        dir,
-    };
+        .with_context(|| format!("start {name} ({}); did scripts/setup run?", program.display()))?;
+    let mut service = Service { name, child, port, dir };
     wait_until_listening(&mut service, Duration::from_secs(20))?;
     Ok(service)
 }
@@ -95,11 +85,7 @@ fn wait_until_listening(service: &mut Service, timeout: Duration) -> anyhow::Res
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = service.child.try_wait()? {
-            bail!(
-                "{} exited ({status}) before listening:\n{}",
-                service.name,
-                service.log()
-            );
+            bail!("{} exited ({status}) before listening:\n{}", service.name, service.log());
         }
         if TcpStream::connect_timeout(&service.addr(), Duration::from_millis(200)).is_ok() {
             return Ok(());
@@ -120,19 +106,11 @@ fn wait_until_listening(service: &mut Service, timeout: Duration) -> anyhow::Res
 pub fn start_redis() -> anyhow::Result<Service> {
     let port = free_port()?;
     let dir = tempfile::tempdir()?;
-    let args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args: Vec<String> =
+        ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     spawn("redis-server", Path::new("redis-server"), &args, port, dir)
 }
 
@@ -140,9 +118,7 @@ pub fn start_redis() -> anyhow::Result<Service> {
 pub fn start_tansu() -> anyhow::Result<Service> {
     let program = std::env::var_os("ALIGNX_TANSU")
         .map(PathBuf::from)
-        .context(
-            "ALIGNX_TANSU is not set: run tests through `make test` or `source scripts/env.sh`",
-        )?;
+        .context("ALIGNX_TANSU is not set: run tests through `make test` or `source scripts/env.sh`")?;
     let port = free_port()?;
     let url = format!("tcp://127.0.0.1:{port}");
     let args: Vec<String> = [

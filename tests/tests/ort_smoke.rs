@@ -16,31 +16,13 @@ fn graph() -> Vec<u8> {
         node: vec![
             node("MatMul", "matmul", &["x", "w"], &["xw"], vec![]),
             node("Add", "add", &["xw", "b"], &["logits"], vec![]),
-            node(
-                "Softmax",
-                "softmax",
-                &["logits"],
-                &["probs"],
-                vec![attr_int("axis", -1)],
-            ),
+            node("Softmax", "softmax", &["logits"], &["probs"], vec![attr_int("axis", -1)]),
         ],
         initializer: vec![f32_tensor("w", &[3, 2], &W), f32_tensor("b", &[2], &B)],
-        input: vec![value_info(
-            "x",
-            data_type::FLOAT,
-            &[Dim::Named("batch_size"), Dim::Fixed(3)],
-        )],
+        input: vec![value_info("x", data_type::FLOAT, &[Dim::Named("batch_size"), Dim::Fixed(3)])],
         output: vec![
-            value_info(
-                "logits",
-                data_type::FLOAT,
-                &[Dim::Named("batch_size"), Dim::Fixed(2)],
-            ),
-            value_info(
-                "probs",
-                data_type::FLOAT,
-                &[Dim::Named("batch_size"), Dim::Fixed(2)],
-            ),
+            value_info("logits", data_type::FLOAT, &[Dim::Named("batch_size"), Dim::Fixed(2)]),
+            value_info("probs", data_type::FLOAT, &[Dim::Named("batch_size"), Dim::Fixed(2)]),
         ],
         ..Default::default()
     };
@@ -50,9 +32,7 @@ fn graph() -> Vec<u8> {
 fn expected(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let (mut logits, mut probs) = (Vec::new(), Vec::new());
     for row in x.chunks(3) {
-        let l: Vec<f32> = (0..2)
-            .map(|j| (0..3).map(|k| row[k] * W[k * 2 + j]).sum::<f32>() + B[j])
-            .collect();
+        let l: Vec<f32> = (0..2).map(|j| (0..3).map(|k| row[k] * W[k * 2 + j]).sum::<f32>() + B[j]).collect();
         let m = l.iter().cloned().fold(f32::MIN, f32::max);
         let z: f32 = l.iter().map(|v| (v - m).exp()).sum();
         probs.extend(l.iter().map(|v| (v - m).exp() / z));
@@ -63,43 +43,29 @@ fn expected(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
 
 #[test]
 fn runs_a_graph_written_by_our_onnx_writer() {
-    let runtime = onnx_runtime::init(None)
-        .expect("ONNX Runtime must load (run scripts/setup; see scripts/env.sh)");
-    let mut session = runtime
-        .session_builder()
-        .unwrap()
-        .commit_from_memory(&graph())
-        .unwrap();
+    let runtime =
+        onnx_runtime::init(None).expect("ONNX Runtime must load (run scripts/setup; see scripts/env.sh)");
+    let mut session = runtime.session_builder().unwrap().commit_from_memory(&graph()).unwrap();
     let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
     assert_eq!(names, ["x"]);
 
     for batch in [1usize, 4] {
-        let x: Vec<f32> = (0..batch * 3)
-            .map(|i| (i as f32 * 0.37).sin() * 2.0)
-            .collect();
+        let x: Vec<f32> = (0..batch * 3).map(|i| (i as f32 * 0.37).sin() * 2.0).collect();
         let input = Tensor::from_array((vec![batch as i64, 3], x.clone())).unwrap();
         let outputs = session.run(ort::inputs!["x" => input]).unwrap();
         let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>().unwrap();
         assert_eq!(&shape[..], &[batch as i64, 2]);
         let (_, probs) = outputs["probs"].try_extract_tensor::<f32>().unwrap();
         let (want_logits, want_probs) = expected(&x);
-        for (got, want) in logits
-            .iter()
-            .zip(&want_logits)
-            .chain(probs.iter().zip(&want_probs))
-        {
-            assert!(
-                (got - want).abs() < 1e-6,
-                "batch {batch}: got {got}, want {want}"
-            );
+        for (got, want) in logits.iter().zip(&want_logits).chain(probs.iter().zip(&want_probs)) {
+            assert!((got - want).abs() < 1e-6, "batch {batch}: got {got}, want {want}");
         }
     }
 }
 
 #[test]
 fn a_missing_library_is_named_in_the_error() {
-    let err = onnx_runtime::locate(Some(std::path::Path::new("/nonexistent/libonnxruntime.so")))
-        .unwrap_err();
+    let err = onnx_runtime::locate(Some(std::path::Path::new("/nonexistent/libonnxruntime.so"))).unwrap_err();
     assert_eq!(
         err.to_string(),
         "ONNX Runtime library /nonexistent/libonnxruntime.so (from --ort-library) does not exist"

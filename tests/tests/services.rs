@@ -27,10 +27,7 @@ fn redis_answers_ping_and_stops_on_drop() {
     assert_eq!(&buf, b"+PONG\r\n");
     let pid = redis.pid();
     drop(redis);
-    assert!(
-        !process_exists(pid),
-        "redis-server {pid} still running after drop"
-    );
+    assert!(!process_exists(pid), "redis-server {pid} still running after drop");
 }
 
 /// A Kafka ApiVersions v0 request, by hand: the broker speaks the Kafka wire protocol.
@@ -47,24 +44,13 @@ fn tansu_answers_kafka_api_versions() {
     s.read_exact(&mut len).unwrap();
     let mut response = vec![0u8; i32::from_be_bytes(len) as usize];
     s.read_exact(&mut response).unwrap();
-    assert_eq!(
-        i32::from_be_bytes(response[0..4].try_into().unwrap()),
-        7,
-        "correlation id"
-    );
-    assert_eq!(
-        i16::from_be_bytes(response[4..6].try_into().unwrap()),
-        0,
-        "error code"
-    );
+    assert_eq!(i32::from_be_bytes(response[0..4].try_into().unwrap()), 7, "correlation id");
+    assert_eq!(i16::from_be_bytes(response[4..6].try_into().unwrap()), 0, "error code");
     let apis = i32::from_be_bytes(response[6..10].try_into().unwrap());
     assert!(apis > 10, "broker lists {apis} APIs");
     // Produce (0) and Fetch (1) must be among them: each entry is (key, min, max) as i16.
-    let keys: Vec<i16> = response[10..]
-        .chunks(6)
-        .take(apis as usize)
-        .map(|c| i16::from_be_bytes([c[0], c[1]]))
-        .collect();
+    let keys: Vec<i16> =
+        response[10..].chunks(6).take(apis as usize).map(|c| i16::from_be_bytes([c[0], c[1]])).collect();
     assert!(keys.contains(&0) && keys.contains(&1), "{keys:?}");
     let pid = broker.pid();
     drop(broker);

@@ -39,9 +39,7 @@ fn load_torch_cuda() -> &'static Result<(), String> {
                 "unknown dlopen error".to_owned()
             } else {
                 // SAFETY: non-null dlerror results are valid NUL-terminated strings.
-                unsafe { std::ffi::CStr::from_ptr(err) }
-                    .to_string_lossy()
-                    .into_owned()
+                unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned()
             };
             return Err(format!("cannot load libtorch_cuda.so: {msg}"));
         }
@@ -52,24 +50,16 @@ fn load_torch_cuda() -> &'static Result<(), String> {
 /// Whether a CUDA device can be used, and if not, why.
 pub fn cuda_status() -> Result<(), String> {
     load_torch_cuda().clone()?;
-    if tch::Cuda::is_available() {
-        Ok(())
-    } else {
-        Err("no CUDA device or driver".to_owned())
-    }
+    if tch::Cuda::is_available() { Ok(()) } else { Err("no CUDA device or driver".to_owned()) }
 }
 
 /// Resolves a choice to a `tch::Device`.
 pub fn resolve(choice: DeviceChoice) -> Result<tch::Device, DeviceError> {
     match choice {
         DeviceChoice::Cpu => Ok(tch::Device::Cpu),
-        DeviceChoice::Cuda => cuda_status()
-            .map(|()| tch::Device::Cuda(0))
-            .map_err(DeviceError::CudaUnavailable),
-        DeviceChoice::Auto => Ok(if cuda_status().is_ok() {
-            tch::Device::Cuda(0)
-        } else {
-            tch::Device::Cpu
-        }),
+        DeviceChoice::Cuda => {
+            cuda_status().map(|()| tch::Device::Cuda(0)).map_err(DeviceError::CudaUnavailable)
+        }
+        DeviceChoice::Auto => Ok(if cuda_status().is_ok() { tch::Device::Cuda(0) } else { tch::Device::Cpu }),
     }
 }

@@ -44,20 +44,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Prompt {
-            setting,
-            input,
-            past_summary,
-            templates,
-        } => {
+        Command::Prompt { setting, input, past_summary, templates } => {
             match prompt_cmd::render(&input, setting, past_summary.as_deref(), templates.as_ref()) {
                 Ok(prompt) => {
                     let mut out = std::io::stdout().lock();
-                    if out
-                        .write_all(prompt.as_bytes())
-                        .and_then(|()| out.flush())
-                        .is_err()
-                    {
+                    if out.write_all(prompt.as_bytes()).and_then(|()| out.flush()).is_err() {
                         return ExitCode::from(1);
                     }
                     ExitCode::SUCCESS

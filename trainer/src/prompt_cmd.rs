@@ -18,15 +18,9 @@ pub enum SettingArg {
 #[derive(Debug, thiserror::Error)]
 pub enum PromptCmdError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: {problems}")]
-    Input {
-        path: String,
-        problems: alignx_schemas::Problems,
-    },
+    Input { path: String, problems: alignx_schemas::Problems },
     #[error(transparent)]
     Templates(#[from] TemplateError),
     #[error("--past-summary only applies to --setting streaming")]
@@ -48,10 +42,7 @@ fn read_input(path: &Path) -> Result<String, PromptCmdError> {
     } else {
         std::fs::read_to_string(path).map(|t| text = t)
     };
-    result.map_err(|source| PromptCmdError::Read {
-        path: shown,
-        source,
-    })?;
+    result.map_err(|source| PromptCmdError::Read { path: shown, source })?;
     Ok(text)
 }
 
@@ -72,9 +63,7 @@ pub fn render(
         (SettingArg::Streaming, past) => Setting::Streaming { past },
     };
     let text = read_input(input)?;
-    let parsed = PromptInput::parse(&text).map_err(|problems| PromptCmdError::Input {
-        path: input.display().to_string(),
-        problems,
-    })?;
+    let parsed = PromptInput::parse(&text)
+        .map_err(|problems| PromptCmdError::Input { path: input.display().to_string(), problems })?;
     Ok(templates.render(&parsed.bos_token, setting, &parsed.evidence))
 }

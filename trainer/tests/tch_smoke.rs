@@ -8,10 +8,7 @@ fn matmul_and_autograd() {
     let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape([2, 2]);
     let b = Tensor::from_slice(&[5.0f32, 6.0, 7.0, 8.0]).reshape([2, 2]);
     let c = a.matmul(&b);
-    assert_eq!(
-        Vec::<f32>::try_from(c.flatten(0, 1)).unwrap(),
-        vec![19.0, 22.0, 43.0, 50.0]
-    );
+    assert_eq!(Vec::<f32>::try_from(c.flatten(0, 1)).unwrap(), vec![19.0, 22.0, 43.0, 50.0]);
 
     // d/dx sum(x^3 + 2x) = 3x^2 + 2
     let x = Tensor::from_slice(&[-1.0f64, 0.5, 2.0]).set_requires_grad(true);
@@ -41,17 +38,13 @@ fn cuda_matches_cpu_when_a_gpu_is_expected() {
     if std::env::var("ALIGNX_EXPECT_CUDA").as_deref() != Ok("1") {
         return;
     }
-    let device =
-        resolve(DeviceChoice::Cuda).expect("ALIGNX_EXPECT_CUDA=1 but CUDA did not resolve");
+    let device = resolve(DeviceChoice::Cuda).expect("ALIGNX_EXPECT_CUDA=1 but CUDA did not resolve");
     assert!(device.is_cuda());
     let x = Tensor::randn([64, 128], (Kind::Float, Device::Cpu));
     let w = Tensor::randn([128, 32], (Kind::Float, Device::Cpu));
     let cpu = x.matmul(&w).softmax(-1, Kind::Float);
-    let gpu = x
-        .to_device(device)
-        .matmul(&w.to_device(device))
-        .softmax(-1, Kind::Float)
-        .to_device(Device::Cpu);
+    let gpu =
+        x.to_device(device).matmul(&w.to_device(device)).softmax(-1, Kind::Float).to_device(Device::Cpu);
     let diff = (cpu - gpu).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "CPU and CUDA differ by {diff}");
 }

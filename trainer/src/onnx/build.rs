@@ -3,9 +3,8 @@
 use prost::Message;
 
 use super::proto::{
-    AttributeProto, Dimension, DimensionValue, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto,
-    attribute_type, data_type,
+    AttributeProto, Dimension, DimensionValue, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorProto, TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto, attribute_type, data_type,
 };
 
 /// The ONNX IR version we write (ONNX 1.15+ readers, ORT ≥ 1.17).
@@ -35,36 +34,26 @@ pub fn value_info(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto {
     ValueInfoProto {
         name: name.to_owned(),
         r#type: Some(TypeProto {
-            tensor_type: Some(TypeProtoTensor {
-                elem_type: elem,
-                shape: Some(TensorShapeProto { dim }),
-            }),
+            tensor_type: Some(TypeProtoTensor { elem_type: elem, shape: Some(TensorShapeProto { dim }) }),
         }),
     }
 }
 
-/// An f32 initialiser stored as raw little-endian bytes.
+/// An initialiser of `data_type` whose little-endian bytes are `raw`.
+fn raw_tensor(name: &str, dims: &[i64], data_type: i32, raw: Vec<u8>) -> TensorProto {
+    TensorProto { name: name.to_owned(), dims: dims.to_vec(), data_type, raw_data: raw, ..Default::default() }
+}
+
+/// An f32 initialiser.
 pub fn f32_tensor(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
     debug_assert_eq!(dims.iter().product::<i64>() as usize, values.len());
-    TensorProto {
-        name: name.to_owned(),
-        dims: dims.to_vec(),
-        data_type: data_type::FLOAT,
-        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    }
+    raw_tensor(name, dims, data_type::FLOAT, values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// An i64 initialiser (shapes, axes, indices).
 pub fn i64_tensor(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
     debug_assert_eq!(dims.iter().product::<i64>() as usize, values.len());
-    TensorProto {
-        name: name.to_owned(),
-        dims: dims.to_vec(),
-        data_type: data_type::INT64,
-        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    }
+    raw_tensor(name, dims, data_type::INT64, values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// A node in the default domain.
@@ -86,12 +75,7 @@ pub fn node(
 }
 
 pub fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.to_owned(),
-        i,
-        r#type: attribute_type::INT,
-        ..Default::default()
-    }
+    AttributeProto { name: name.to_owned(), i, r#type: attribute_type::INT, ..Default::default() }
 }
 
 pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
@@ -104,12 +88,7 @@ pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
 }
 
 pub fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto {
-        name: name.to_owned(),
-        f,
-        r#type: attribute_type::FLOAT,
-        ..Default::default()
-    }
+    AttributeProto { name: name.to_owned(), f, r#type: attribute_type::FLOAT, ..Default::default() }
 }
 
 /// Wraps a graph into a model with our IR version and opset, serialised.
@@ -119,10 +98,7 @@ pub fn model_bytes(graph: GraphProto, producer_version: &str) -> Vec<u8> {
         producer_name: "alignx-trainer".to_owned(),
         producer_version: producer_version.to_owned(),
         graph: Some(graph),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
         ..Default::default()
     }
     .encode_to_vec()
