@@ -67,10 +67,6 @@ impl Checker {
         self.problems.len()
     }
 
-    pub fn is_clean(&self) -> bool {
-        self.problems.is_empty()
-    }
-
     /// Ends a walk whose result is `built`: the value when it was built and nothing was
     /// reported, else every problem. A check that gave up without saying why would be a
     /// bug; on untrusted input it still yields a problem at `path`, never a panic.

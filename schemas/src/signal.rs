@@ -76,12 +76,6 @@ impl Timestamp {
         Ok(Self { raw: raw.to_owned(), unix_ms: dt.timestamp_millis() })
     }
 
-    /// A timestamp from Unix milliseconds, rendered in UTC with millisecond precision.
-    pub fn from_unix_ms(unix_ms: i64) -> Option<Self> {
-        let dt = DateTime::from_timestamp_millis(unix_ms)?;
-        Some(Self { raw: dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), unix_ms })
-    }
-
     pub fn as_str(&self) -> &str {
         &self.raw
     }

@@ -39,21 +39,16 @@ pub fn value_info(name: &str, elem: i32, dims: &[Dim]) -> ValueInfoProto {
     }
 }
 
-/// An initialiser of `data_type` whose little-endian bytes are `raw`.
-fn raw_tensor(name: &str, dims: &[i64], data_type: i32, raw: Vec<u8>) -> TensorProto {
-    TensorProto { name: name.to_owned(), dims: dims.to_vec(), data_type, raw_data: raw, ..Default::default() }
-}
-
-/// An f32 initialiser.
+/// An f32 initialiser, stored as raw little-endian bytes.
 pub fn f32_tensor(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
     debug_assert_eq!(dims.iter().product::<i64>() as usize, values.len());
-    raw_tensor(name, dims, data_type::FLOAT, values.iter().flat_map(|v| v.to_le_bytes()).collect())
-}
-
-/// An i64 initialiser (shapes, axes, indices).
-pub fn i64_tensor(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
-    debug_assert_eq!(dims.iter().product::<i64>() as usize, values.len());
-    raw_tensor(name, dims, data_type::INT64, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    TensorProto {
+        name: name.to_owned(),
+        dims: dims.to_vec(),
+        data_type: data_type::FLOAT,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
 }
 
 /// A node in the default domain.
@@ -74,21 +69,9 @@ pub fn node(
     }
 }
 
+/// An integer attribute.
 pub fn attr_int(name: &str, i: i64) -> AttributeProto {
     AttributeProto { name: name.to_owned(), i, r#type: attribute_type::INT, ..Default::default() }
-}
-
-pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.to_owned(),
-        ints: ints.to_vec(),
-        r#type: attribute_type::INTS,
-        ..Default::default()
-    }
-}
-
-pub fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto { name: name.to_owned(), f, r#type: attribute_type::FLOAT, ..Default::default() }
 }
 
 /// Wraps a graph into a model with our IR version and opset, serialised.
