@@ -124,6 +124,27 @@ impl Checker {
         }
     }
 
+    /// A list member whose items are each checked by `item`: `Some` only when every item
+    /// passed (every failing item having reported why). An optional list may be absent
+    /// or null, which reads as empty.
+    pub fn list<'v, T>(
+        &mut self,
+        obj: &'v Map<String, Value>,
+        parent: &str,
+        field: &str,
+        required: bool,
+        mut item: impl FnMut(&mut Checker, &'v Value, &str) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let path = field_path(parent, field);
+        let items = match obj.get(field) {
+            None | Some(Value::Null) if !required => return Some(Vec::new()),
+            _ => self.required(obj, parent, field).and_then(|v| self.array(v, &path))?,
+        };
+        let checked: Vec<Option<T>> =
+            items.iter().enumerate().map(|(i, v)| item(self, v, &index_path(&path, i))).collect();
+        checked.into_iter().collect()
+    }
+
     /// Checks a string value against `rule`.
     pub fn text_value<'v>(&mut self, value: &'v Value, path: &str, rule: Text) -> Option<&'v str> {
         let Value::String(s) = value else {

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::check::{Checker, Text, field_path, index_path};
+use crate::check::{Checker, Text};
 use crate::defaults::NO_PAST_SUMMARY;
 use crate::problem::Problems;
 use crate::signal::{Signal, SignalBody};
@@ -331,46 +331,13 @@ impl PromptInput {
     fn check(c: &mut Checker, value: &Value) -> Option<Self> {
         let obj = c.object(value, "$")?;
         let bos = c.text(obj, "$", "bos_token", Text::ANY);
-        let start = c.problem_count();
-        let mut pairs = Vec::new();
-        for (i, v) in list(c, obj, "pairs").iter().enumerate() {
-            let p = index_path("$.pairs", i);
-            if let Some(o) = c.object(v, &p) {
-                let mut t = |f: &str| c.text(o, &p, f, Text::ANY).map(str::to_owned);
-                let (prompt, chosen, rejected) = (t("prompt"), t("chosen"), t("rejected"));
-                if let (Some(prompt), Some(chosen), Some(rejected)) = (prompt, chosen, rejected) {
-                    pairs.push(HistoryPair { prompt, chosen, rejected });
-                }
-            }
-        }
-        let mut ugc = Vec::new();
-        for (i, v) in list(c, obj, "ugc").iter().enumerate() {
-            let p = index_path("$.ugc", i);
-            if let Some(o) = c.object(v, &p) {
-                let mut t = |f: &str| c.text(o, &p, f, Text::ANY).map(str::to_owned);
-                let (prompt, comment) = (t("prompt"), t("comment"));
-                if let (Some(prompt), Some(comment)) = (prompt, comment) {
-                    ugc.push(HistoryComment { prompt, comment });
-                }
-            }
-        }
-        let mut texts = Vec::new();
-        for (i, v) in list(c, obj, "texts").iter().enumerate() {
-            if let Some(t) = c.text_value(v, &index_path("$.texts", i), Text::ANY) {
-                texts.push(t.to_owned());
-            }
-        }
-        let bos = bos?;
-        (c.problem_count() == start)
-            .then(|| Self { bos_token: bos.to_owned(), evidence: Evidence { ugc, pairs, texts } })
-    }
-}
-
-/// An optional array member (absent or null: empty).
-fn list<'v>(c: &mut Checker, obj: &'v serde_json::Map<String, Value>, field: &str) -> &'v [Value] {
-    match obj.get(field) {
-        None | Some(Value::Null) => &[],
-        Some(v) => c.array(v, &field_path("$", field)).unwrap_or(&[]),
+        // The golden vectors show raw pairs as the paper renders them: even empty text.
+        let pairs = c.list(obj, "$", "pairs", false, |c, v, p| HistoryPair::check(c, v, p, Text::ANY));
+        let ugc = c.list(obj, "$", "ugc", false, |c, v, p| HistoryComment::check(c, v, p, Text::ANY));
+        let texts =
+            c.list(obj, "$", "texts", false, |c, v, p| c.text_value(v, p, Text::ANY).map(str::to_owned));
+        let (bos, pairs, ugc, texts) = (bos?, pairs?, ugc?, texts?);
+        Some(Self { bos_token: bos.to_owned(), evidence: Evidence { ugc, pairs, texts } })
     }
 }
 

@@ -120,6 +120,26 @@ pub struct HistoryComment {
     pub comment: String,
 }
 
+impl HistoryPair {
+    /// Checks `{prompt, chosen, rejected}` at `path`, each text against `rule`.
+    pub(crate) fn check(c: &mut Checker, value: &Value, path: &str, rule: Text) -> Option<Self> {
+        let obj = c.object(value, path)?;
+        let mut t = |f: &str| c.text(obj, path, f, rule).map(str::to_owned);
+        let (prompt, chosen, rejected) = (t("prompt"), t("chosen"), t("rejected"));
+        Some(Self { prompt: prompt?, chosen: chosen?, rejected: rejected? })
+    }
+}
+
+impl HistoryComment {
+    /// Checks `{prompt, comment}` at `path`, each text against `rule`.
+    pub(crate) fn check(c: &mut Checker, value: &Value, path: &str, rule: Text) -> Option<Self> {
+        let obj = c.object(value, path)?;
+        let mut t = |f: &str| c.text(obj, path, f, rule).map(str::to_owned);
+        let (prompt, comment) = (t("prompt"), t("comment"));
+        Some(Self { prompt: prompt?, comment: comment? })
+    }
+}
+
 /// One eval item (AlignX layout): a user's history and one held-out comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvalRecord {
@@ -263,15 +283,11 @@ impl TrainingRecord for EvalRecord {
     const NAME: &'static str = "eval";
     fn check(c: &mut Checker, value: &Value, path: &str) -> Option<Self> {
         let obj = c.object(value, path)?;
-        let pairs = check_list(c, obj, path, "Pair-wise Comparative Feedback", true, |c, o, p| {
-            let mut t = |f: &str| c.text(o, p, f, Text::NON_EMPTY).map(str::to_owned);
-            let (prompt, chosen, rejected) = (t("prompt"), t("chosen"), t("rejected"));
-            Some(HistoryPair { prompt: prompt?, chosen: chosen?, rejected: rejected? })
+        let pairs = c.list(obj, path, "Pair-wise Comparative Feedback", true, |c, v, p| {
+            HistoryPair::check(c, v, p, Text::NON_EMPTY)
         });
-        let ugc = check_list(c, obj, path, "User-Generated Content", false, |c, o, p| {
-            let mut t = |f: &str| c.text(o, p, f, Text::NON_EMPTY).map(str::to_owned);
-            let (prompt, comment) = (t("prompt"), t("comment"));
-            Some(HistoryComment { prompt: prompt?, comment: comment? })
+        let ugc = c.list(obj, path, "User-Generated Content", false, |c, v, p| {
+            HistoryComment::check(c, v, p, Text::NON_EMPTY)
         });
         let mut t = |f: &str| c.text(obj, path, f, Text::NON_EMPTY).map(str::to_owned);
         let (prompt, a, b) = (t("prompt"), t("responseA"), t("responseB"));
@@ -285,32 +301,6 @@ impl TrainingRecord for EvalRecord {
             answer: answer?,
         })
     }
-}
-
-/// A list member whose items are objects checked by `item`. An optional list may be absent.
-fn check_list<T>(
-    c: &mut Checker,
-    obj: &Map<String, Value>,
-    path: &str,
-    field: &str,
-    required: bool,
-    item: impl Fn(&mut Checker, &Map<String, Value>, &str) -> Option<T>,
-) -> Option<Vec<T>> {
-    let lp = field_path(path, field);
-    let list = match obj.get(field) {
-        None | Some(Value::Null) if !required => return Some(Vec::new()),
-        _ => c.required(obj, path, field).and_then(|v| c.array(v, &lp))?,
-    };
-    let mut out = Vec::with_capacity(list.len());
-    for (i, v) in list.iter().enumerate() {
-        let ip = index_path(&lp, i);
-        if let Some(o) = c.object(v, &ip)
-            && let Some(x) = item(c, o, &ip)
-        {
-            out.push(x);
-        }
-    }
-    (out.len() == list.len()).then_some(out)
 }
 
 /// Parses a training file: one JSON array of records, or JSON Lines (one record a line;
