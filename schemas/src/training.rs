@@ -244,38 +244,33 @@ impl TrainingRecord for StreamingRlRecord {
     const NAME: &'static str = "streaming_rl_train";
     fn check(c: &mut Checker, value: &Value, path: &str) -> Option<Self> {
         let entries = c.array(value, path)?;
-        let start = c.problem_count();
         if entries.is_empty() {
             c.report(path, ProblemCode::EmptyField, "a streaming record needs at least one entry");
+            return None;
         }
-        let mut out = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let ep = index_path(path, i);
-            let Some(obj) = c.object(entry, &ep) else {
-                continue;
-            };
-            let hp = field_path(&ep, "history");
-            let Some(steps) = c.required(obj, &ep, "history").and_then(|h| c.array(h, &hp)) else {
-                continue;
-            };
-            if steps.is_empty() {
-                c.report(&hp, ProblemCode::EmptyField, "history needs at least one step");
-            }
-            let mut history = Vec::with_capacity(steps.len());
-            for (j, step) in steps.iter().enumerate() {
-                let sp = index_path(&hp, j);
-                let Some(s) = c.object(step, &sp) else {
-                    continue;
-                };
-                let value = c.text(s, &sp, "value", Text::NON_EMPTY);
-                let comparison = check_comparison(c, s, &sp);
-                if let (Some(value), Some(comparison)) = (value, comparison) {
-                    history.push(StreamingStep { value: value.to_owned(), comparison });
-                }
-            }
-            out.push(StreamingEntry { history });
+        let checked: Vec<Option<StreamingEntry>> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| StreamingEntry::check(c, e, &index_path(path, i)))
+            .collect();
+        checked.into_iter().collect::<Option<Vec<_>>>().map(Self)
+    }
+}
+
+impl StreamingEntry {
+    fn check(c: &mut Checker, value: &Value, path: &str) -> Option<Self> {
+        let obj = c.object(value, path)?;
+        let history = c.list(obj, path, "history", true, |c, v, p| {
+            let step = c.object(v, p)?;
+            let value = c.text(step, p, "value", Text::NON_EMPTY);
+            let comparison = check_comparison(c, step, p);
+            Some(StreamingStep { value: value?.to_owned(), comparison: comparison? })
+        })?;
+        if history.is_empty() {
+            c.report(field_path(path, "history"), ProblemCode::EmptyField, "history needs at least one step");
+            return None;
         }
-        (c.problem_count() == start).then_some(Self(out))
+        Some(Self { history })
     }
 }
 
@@ -342,5 +337,41 @@ pub fn read_records<T: TrainingRecord>(text: &str) -> Result<Vec<T>, Problems> {
     match Problems::from_vec(problems) {
         Some(p) => Err(p),
         None => Ok(records),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(p: Problems) -> Vec<String> {
+        p.into_vec().into_iter().map(|p| p.path).collect()
+    }
+
+    const STEP: &str = r#"{"value":"v","task":"t","chosen":"c","rejected":"r","responseA":"c","responseB":"r","answer":"Response A"}"#;
+
+    #[test]
+    fn every_bad_record_of_an_array_is_reported() {
+        let bad_step = STEP.replace(r#""answer":"Response A""#, r#""answer":"Response B""#);
+        let text =
+            format!(r#"[[{{"history":[{STEP},{bad_step}]}}], [{{"history":[]}}], [{{"history":[{STEP}]}}]]"#);
+        let err = read_records::<StreamingRlRecord>(&text).unwrap_err();
+        assert_eq!(paths(err), ["$[0][0].history[1].answer", "$[1][0].history"]);
+        let ok = read_records::<StreamingRlRecord>(&format!("[[{{\"history\":[{STEP},{STEP}]}}]]")).unwrap();
+        assert_eq!(ok[0].0[0].history.len(), 2);
+    }
+
+    #[test]
+    fn jsonl_problems_carry_their_line() {
+        let good = format!(
+            r#"[{}, {{"from":"assistant","ground_truth":{{"value":"Response A"}}}}]"#,
+            STEP.replacen('{', r#"{"from":"human","#, 1)
+        );
+        let text = format!("{good}\n\n[{{\"from\":\"human\"}}]\nnot json\n");
+        let err = read_records::<RlRecord>(&text).unwrap_err();
+        let got = paths(err);
+        assert_eq!(got[0], "line 3: $");
+        assert!(got.iter().any(|p| p == "line 4: $"), "{got:?}");
+        assert_eq!(read_records::<RlRecord>(&good).unwrap()[0].ground_truth, Choice::A);
     }
 }
