@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::BufRead;
 
-use alignx_schemas::{Limits, ProblemCode, SignalKind, validate_signal};
+use alignx_schemas::{Limits, ProblemCode, SignalKind, validate_payload};
 
 /// What a file contained.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -32,8 +32,8 @@ pub struct Rejected {
     pub detail: String,
 }
 
-/// Checks every non-blank line. The Kafka key is taken to be the line's `user_id`, as
-/// `alignx-consumer produce` sends it; key mismatches cannot occur in a file.
+/// Checks every non-blank line. Lines are not Kafka messages yet, so there is no key to
+/// compare: they are to be produced with key = `user_id`.
 pub fn validate_lines(
     reader: impl BufRead,
     limits: &Limits,
@@ -48,8 +48,7 @@ pub fn validate_lines(
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let key = user_id_of(&line);
-        match validate_signal(&line, key.as_deref().map(str::as_bytes), limits) {
+        match validate_payload(&line, limits) {
             Ok(signal) => *report.valid.entry(signal.kind().as_str()).or_default() += 1,
             Err(problems) => {
                 let reason = problems.primary_code();
@@ -59,15 +58,6 @@ pub fn validate_lines(
         }
     }
     Ok(report)
-}
-
-/// The `user_id` string of a JSON line, if it has one; the stand-in for the message key.
-fn user_id_of(line: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Keyed {
-        user_id: String,
-    }
-    serde_json::from_slice::<Keyed>(line).ok().map(|k| k.user_id)
 }
 
 #[cfg(test)]

@@ -29,4 +29,4 @@ pub mod summary;
 pub mod training;
 
 pub use problem::{Problem, ProblemCode, Problems};
-pub use signal::{Limits, Signal, SignalBody, SignalKind, validate_signal};
+pub use signal::{Limits, Signal, SignalBody, SignalKind, validate_payload, validate_signal};

@@ -151,6 +151,15 @@ impl Signal {
 /// `key` must equal `user_id` so that all of a user's signals land in one partition
 /// and are applied in order; a message without a key is rejected for the same reason.
 pub fn validate_signal(payload: &[u8], key: Option<&[u8]>, limits: &Limits) -> Result<Signal, Problems> {
+    let signal = validate_payload(payload, limits)?;
+    let mut c = Checker::new();
+    check_key(&mut c, key, &signal.user_id);
+    c.conclude(Some(signal), "$")
+}
+
+/// Validates a payload without a Kafka key: for signals not yet sent, which will be
+/// produced with key = `user_id` (files checked by `alignx-consumer validate`).
+pub fn validate_payload(payload: &[u8], limits: &Limits) -> Result<Signal, Problems> {
     if payload.len() > limits.max_message_bytes {
         return Err(Problems::single(
             "$",
@@ -164,9 +173,6 @@ pub fn validate_signal(payload: &[u8], key: Option<&[u8]>, limits: &Limits) -> R
         .map_err(|e| Problems::single("$", ProblemCode::InvalidJson, format!("payload is not JSON: {e}")))?;
     let mut c = Checker::new();
     let signal = check_signal(&mut c, &value, limits);
-    if let Some(signal) = &signal {
-        check_key(&mut c, key, &signal.user_id);
-    }
     c.conclude(signal, "$")
 }
 
