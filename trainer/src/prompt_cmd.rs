@@ -36,14 +36,13 @@ impl PromptCmdError {
 
 fn read_input(path: &Path) -> Result<String, PromptCmdError> {
     let shown = path.display().to_string();
-    let mut text = String::new();
-    let result = if shown == "-" {
-        std::io::stdin().read_to_string(&mut text).map(|_| ())
+    let text = if shown == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).map(|_| text)
     } else {
-        std::fs::read_to_string(path).map(|t| text = t)
+        std::fs::read_to_string(path)
     };
-    result.map_err(|source| PromptCmdError::Read { path: shown, source })?;
-    Ok(text)
+    text.map_err(|source| PromptCmdError::Read { path: shown, source })
 }
 
 /// Renders the prompt for `input` (a path, or `-` for stdin).
