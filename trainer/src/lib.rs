@@ -2,11 +2,15 @@
 //! it for the consumer (DESIGN.md §6).
 //!
 //! # Layout
+//! - [`checkpoint`]: HF model directories: safetensors (sharded or not) by parameter name.
 //! - [`device`]: `--device cpu|cuda|auto`, loading libtorch's CUDA part on GPU machines.
 //! - [`onnx`]: ONNX protobuf messages and graph-building helpers for the exporter.
+//! - [`qwen2`]: the Qwen2 decoder with HF parameter names and a caller-owned KV cache.
 //! - [`prompt_cmd`]: `alignx-trainer prompt`, rendering the prompt protocol of
 //!   `alignx-schemas` for a golden-format input file.
 
+pub mod checkpoint;
 pub mod device;
 pub mod onnx;
 pub mod prompt_cmd;
+pub mod qwen2;
