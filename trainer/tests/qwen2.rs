@@ -173,7 +173,7 @@ fn weight_errors_name_file_and_tensor() {
     let err = checkpoint::load(&vs, &out).unwrap_err().to_string();
     assert!(err.contains("unknown tensor `model.extra.weight`"), "{err}");
     // A missing tensor.
-    tensors.remove(i);
+    let _removed = tensors.remove(i);
     Tensor::write_safetensors(&tensors, &file).unwrap();
     let err = checkpoint::load(&vs, &out).unwrap_err().to_string();
     assert!(err.contains("missing 1 tensor(s), e.g. `model.norm.weight`"), "{err}");
