@@ -6,7 +6,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build test demo check fmt
+.PHONY: setup build test demo check fmt hf-parity
 
 setup:
 	@scripts/setup
@@ -22,6 +22,11 @@ test: setup
 ## Run the main job on the embedded default. ARGS are passed to scripts/demo.
 demo: build
 	$(ENV) scripts/demo $(ARGS)
+
+## Qwen2 logits and greedy decoding against Hugging Face transformers, both ways
+## (installs a Python oracle once; not part of `make test`).
+hf-parity: setup
+	scripts/hf-parity
 
 ## Formatting and lints (not part of `make test`).
 check:

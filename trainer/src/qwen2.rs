@@ -44,6 +44,9 @@ pub struct Config {
     pub eos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// Per-layer attention kinds (`transformers` ≥ 4.5x); only `full_attention` is served.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
     #[serde(default = "default_act")]
     pub hidden_act: String,
     #[serde(default)]
@@ -103,6 +106,9 @@ impl Config {
                 "use_sliding_window",
                 "is true; sliding-window attention is not implemented".into(),
             ));
+        }
+        if let Some(t) = self.layer_types.iter().flatten().find(|t| *t != "full_attention") {
+            return Err(("layer_types", format!("contains {t:?}; only \"full_attention\" is implemented")));
         }
         if self.hidden_act != "silu" {
             return Err(("hidden_act", format!("is {:?}; only \"silu\" is supported", self.hidden_act)));

@@ -137,6 +137,7 @@ fn config_errors_name_the_field() {
     assert!(err(json!({"hidden_size": null})).contains("missing field `hidden_size`"));
     assert!(err(json!({"num_key_value_heads": 3})).contains("`num_key_value_heads`"));
     assert!(err(json!({"model_type": "llama"})).contains("`model_type`"));
+    assert!(err(json!({"layer_types": ["full_attention", "sliding_attention"]})).contains("`layer_types`"));
     // transformers >= 5 writes the RoPE base under rope_parameters.
     let c = write_config(
         dir.path(),
