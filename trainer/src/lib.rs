@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`checkpoint`]: HF model directories: safetensors (sharded or not) by parameter name.
 //! - [`device`]: `--device cpu|cuda|auto`, loading libtorch's CUDA part on GPU machines.
+//! - [`generate`]: batched KV-cached sampling (greedy, temperature, top-k, top-p, stops).
 //! - [`onnx`]: ONNX protobuf messages and graph-building helpers for the exporter.
 //! - [`qwen2`]: the Qwen2 decoder with HF parameter names and a caller-owned KV cache.
 //! - [`prompt_cmd`]: `alignx-trainer prompt`, rendering the prompt protocol of
@@ -11,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod device;
+pub mod generate;
 pub mod onnx;
 pub mod prompt_cmd;
 pub mod qwen2;

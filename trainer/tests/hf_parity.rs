@@ -6,9 +6,10 @@
 use std::path::PathBuf;
 
 use alignx_trainer::checkpoint;
-use alignx_trainer::qwen2::{Config, KvCache, Qwen2};
+use alignx_trainer::generate::{SamplingParams, generate};
+use alignx_trainer::qwen2::{Config, Qwen2};
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 fn oracle_dir() -> PathBuf {
     PathBuf::from(
@@ -18,24 +19,6 @@ fn oracle_dir() -> PathBuf {
 
 fn tensor(file: &[(String, Tensor)], name: &str) -> Tensor {
     file.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1.shallow_clone()
-}
-
-/// Greedy continuation with the KV cache: prefill, then one token per step.
-fn greedy(m: &Qwen2, prompt: &Tensor, steps: i64) -> Vec<i64> {
-    let mut cache = KvCache::new();
-    let len = prompt.size()[1];
-    let ones = |n: i64| Tensor::ones([1, n], (Kind::Int64, Device::Cpu));
-    let positions = Tensor::arange(len, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-    let mut logits = m.forward(prompt, &ones(len), &positions, &mut cache);
-    let mut out = Vec::new();
-    for step in 0..steps {
-        let next = logits.select(1, -1).argmax(-1, false).int64_value(&[0]);
-        out.push(next);
-        let pos = Tensor::from_slice(&[len + step]).unsqueeze(0);
-        logits =
-            m.forward(&Tensor::from_slice(&[next]).unsqueeze(0), &ones(len + step + 1), &pos, &mut cache);
-    }
-    out
 }
 
 #[test]
@@ -53,7 +36,9 @@ fn matches_transformers_and_writes_checkpoints_it_loads() {
         let logits = tch::no_grad(|| m.forward_full(&ids));
         let diff = (&logits - tensor(&expected, "logits")).abs().max().double_value(&[]);
         let want: Vec<i64> = Vec::try_from(tensor(&expected, "generated").flatten(0, -1)).unwrap();
-        let got = tch::no_grad(|| greedy(&m, &ids, want.len() as i64));
+        let prompt: Vec<i64> = Vec::try_from(ids.flatten(0, -1)).unwrap();
+        let params = SamplingParams::greedy(want.len());
+        let got = generate(&m, &[prompt], &params, &[], |_, _| false, Device::Cpu).remove(0).tokens;
         println!(
             "{name}: max |logit diff| vs transformers = {diff:.3e}; greedy {} tokens equal: {}",
             want.len(),
