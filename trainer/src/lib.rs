@@ -5,14 +5,20 @@
 //! - [`checkpoint`]: HF model directories: safetensors (sharded or not) by parameter name.
 //! - [`device`]: `--device cpu|cuda|auto`, loading libtorch's CUDA part on GPU machines.
 //! - [`generate`]: batched KV-cached sampling (greedy, temperature, top-k, top-p, stops).
+//! - [`init`]: `alignx-trainer init`, a new tiny model directory (presets, BPE tokenizer).
+//! - [`model_dir`]: load a model directory (config, weights, tokenizer, EOS ids).
 //! - [`onnx`]: ONNX protobuf messages and graph-building helpers for the exporter.
 //! - [`qwen2`]: the Qwen2 decoder with HF parameter names and a caller-owned KV cache.
+//! - [`tokenizer`]: byte-level BPE training (exact round trips) and `tokenizer.json` loading.
 //! - [`prompt_cmd`]: `alignx-trainer prompt`, rendering the prompt protocol of
 //!   `alignx-schemas` for a golden-format input file.
 
 pub mod checkpoint;
 pub mod device;
 pub mod generate;
+pub mod init;
+pub mod model_dir;
 pub mod onnx;
 pub mod prompt_cmd;
 pub mod qwen2;
+pub mod tokenizer;

@@ -5,8 +5,13 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use alignx_trainer::device::{self, DeviceChoice};
+use alignx_trainer::generate::{self, SamplingParams};
+use alignx_trainer::init::{self, Preset};
+use alignx_trainer::model_dir::{self, Dtype};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 
 /// Trains and exports the AlignXplore preference-inference model, and renders its
 /// prompt protocol.
@@ -39,6 +44,124 @@ enum Command {
         #[arg(long, env = "ALIGNX_TEMPLATES")]
         templates: Option<PathBuf>,
     },
+    /// Create a new model directory: random Qwen2 weights and a byte-level BPE tokenizer
+    /// trained on a text corpus (config.json, model.safetensors, tokenizer.json, …).
+    Init(InitArgs),
+    /// Continue a prompt with a model directory and print the continuation. The prompt
+    /// is encoded as-is (no chat template).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Directory to create.
+    #[arg(long)]
+    out: PathBuf,
+    /// UTF-8 text to train the tokenizer on.
+    #[arg(long)]
+    corpus: PathBuf,
+    /// Starting sizes; the flags below override single values.
+    #[arg(long, value_enum, default_value = "tiny")]
+    preset: Preset,
+    #[arg(long)]
+    hidden_size: Option<i64>,
+    #[arg(long)]
+    intermediate_size: Option<i64>,
+    #[arg(long)]
+    layers: Option<i64>,
+    #[arg(long)]
+    heads: Option<i64>,
+    #[arg(long)]
+    kv_heads: Option<i64>,
+    /// Target tokenizer vocabulary (the trained size may be smaller on a small corpus).
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    #[arg(long)]
+    max_position_embeddings: Option<i64>,
+    /// Give the output projection its own weights instead of tying it to the embeddings.
+    #[arg(long)]
+    untied: bool,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// Model directory (Hugging Face layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// File holding the prompt text, or `-` for standard input.
+    #[arg(long)]
+    prompt_file: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Pick the most likely token each step (the default unless --temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop once the output ends with this text (repeatable); kept in the output.
+    #[arg(long)]
+    stop: Vec<String>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceChoice,
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: Dtype,
+}
+
+fn run_init(a: InitArgs) -> anyhow::Result<()> {
+    let mut shape = a.preset.shape();
+    shape.hidden_size = a.hidden_size.unwrap_or(shape.hidden_size);
+    shape.intermediate_size = a.intermediate_size.unwrap_or(shape.intermediate_size);
+    shape.num_hidden_layers = a.layers.unwrap_or(shape.num_hidden_layers);
+    shape.num_attention_heads = a.heads.unwrap_or(shape.num_attention_heads);
+    shape.num_key_value_heads = a.kv_heads.unwrap_or(shape.num_key_value_heads);
+    shape.vocab_size = a.vocab_size.unwrap_or(shape.vocab_size);
+    shape.max_position_embeddings = a.max_position_embeddings.unwrap_or(shape.max_position_embeddings);
+    shape.tie_word_embeddings &= !a.untied;
+    let config = init::init(&a.corpus, &shape, a.seed, &a.out, a.force)?;
+    eprintln!(
+        "initialised {}: {} layers, hidden {}, vocab {}",
+        a.out.display(),
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.vocab_size
+    );
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let device = device::resolve(a.device)?;
+    let prompt = if a.prompt_file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from stdin")?
+    } else {
+        std::fs::read_to_string(&a.prompt_file)
+            .with_context(|| format!("cannot read {}", a.prompt_file.display()))?
+    };
+    let loaded = model_dir::load(&a.model, device, a.dtype)?;
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: if a.greedy { 0.0 } else { a.temperature.unwrap_or(0.0) },
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let (text, finish) = generate::complete_text(&loaded, &prompt, &params, &a.stop, device)
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).context("cannot write the output")?;
+    eprintln!("\n[finished: {finish:?}]");
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -58,6 +181,19 @@ fn main() -> ExitCode {
                     ExitCode::from(if e.is_bad_input() { 2 } else { 1 })
                 }
             }
+        }
+        Command::Init(args) => report(run_init(args)),
+        Command::Generate(args) => report(run_generate(args)),
+    }
+}
+
+/// One line on stderr for an error, with its causes.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

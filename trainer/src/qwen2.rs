@@ -76,10 +76,10 @@ pub struct RopeParameters {
 /// A `config.json` we cannot serve faithfully.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Parse { path: String, error: serde_json::Error },
     #[error("{path}: `{field}` {reason}")]
     Unsupported { path: String, field: &'static str, reason: String },
 }
@@ -89,15 +89,20 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        let config: Config = serde_json::from_str(&text)
-            .map_err(|source| ConfigError::Parse { path: shown.clone(), source })?;
-        config.check().map_err(|(field, reason)| ConfigError::Unsupported { path: shown, field, reason })?;
+            .map_err(|error| ConfigError::Read { path: shown.clone(), error })?;
+        let config: Config =
+            serde_json::from_str(&text).map_err(|error| ConfigError::Parse { path: shown.clone(), error })?;
+        config.validate().map_err(|(field, reason)| ConfigError::Unsupported {
+            path: shown,
+            field,
+            reason,
+        })?;
         Ok(config)
     }
 
-    /// Refuses what the model here would compute differently from Hugging Face.
-    fn check(&self) -> Result<(), (&'static str, String)> {
+    /// Refuses what the model here would compute differently from Hugging Face:
+    /// `Err((field, reason))`.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if let Some(t) = self.model_type.as_deref().filter(|t| *t != "qwen2") {
             return Err(("model_type", format!("is {t:?}; only \"qwen2\" is supported")));
         }
