@@ -192,6 +192,25 @@ pub fn generate(
     }
 }
 
+/// Continues one prompt text, encoded as-is (no chat template, no added BOS), and
+/// decodes the continuation. Generation also stops once the decoded text ends with
+/// one of `stops` (which is kept in the text, as answer parsing expects `</answer>`).
+pub fn complete_text(
+    loaded: &crate::model_dir::LoadedModel,
+    prompt: &str,
+    params: &SamplingParams,
+    stops: &[String],
+    device: Device,
+) -> Result<(String, Finish), tokenizers::Error> {
+    let tok = &loaded.tokenizer;
+    let ids: Vec<i64> = tok.encode(prompt, false)?.get_ids().iter().map(|&i| i64::from(i)).collect();
+    let decode = |t: &[i64]| tok.decode(&t.iter().map(|&i| i as u32).collect::<Vec<_>>(), false);
+    let stop =
+        |_: usize, t: &[i64]| decode(t).is_ok_and(|text| stops.iter().any(|s| text.ends_with(s.as_str())));
+    let g = generate(&loaded.model, &[ids], params, &loaded.eos, stop, device).remove(0);
+    Ok((decode(&g.tokens)?, g.finish))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,23 +239,4 @@ mod tests {
         let share = seen[0] as f64 / 2000.0;
         assert!((share - 0.73).abs() < 0.04, "{seen:?}");
     }
-}
-
-/// Continues one prompt text, encoded as-is (no chat template, no added BOS), and
-/// decodes the continuation. Generation also stops once the decoded text ends with
-/// one of `stops` (which is kept in the text, as answer parsing expects `</answer>`).
-pub fn complete_text(
-    loaded: &crate::model_dir::LoadedModel,
-    prompt: &str,
-    params: &SamplingParams,
-    stops: &[String],
-    device: Device,
-) -> Result<(String, Finish), tokenizers::Error> {
-    let tok = &loaded.tokenizer;
-    let ids: Vec<i64> = tok.encode(prompt, false)?.get_ids().iter().map(|&i| i64::from(i)).collect();
-    let decode = |t: &[i64]| tok.decode(&t.iter().map(|&i| i as u32).collect::<Vec<_>>(), false);
-    let stop =
-        |_: usize, t: &[i64]| decode(t).is_ok_and(|text| stops.iter().any(|s| text.ends_with(s.as_str())));
-    let g = generate(&loaded.model, &[ids], params, &loaded.eos, stop, device).remove(0);
-    Ok((decode(&g.tokens)?, g.finish))
 }
