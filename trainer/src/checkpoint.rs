@@ -155,6 +155,18 @@ pub fn save(
     carry_from: Option<&Path>,
     out: &Path,
 ) -> Result<(), CheckpointError> {
+    save_with(vs, config, carry_from, out, |_| Ok(()))
+}
+
+/// [`save`], with `extra` writing more files (e.g. optimizer state) into the directory
+/// before it is renamed into place.
+pub fn save_with(
+    vs: &VarStore,
+    config: &serde_json::Value,
+    carry_from: Option<&Path>,
+    out: &Path,
+    extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
     let tmp =
@@ -171,11 +183,17 @@ pub fn save(
             }
         }
     }
+    extra(tmp.path())?;
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| io_err(out, e))?;
     }
     let kept = tmp.keep();
     std::fs::rename(&kept, out).map_err(|e| io_err(out, e))
+}
+
+/// An I/O failure at `path`, for [`save_with`] hooks.
+pub fn io_error(path: &Path, e: impl std::fmt::Display) -> CheckpointError {
+    io_err(path, e)
 }
 
 fn write_weights(vs: &VarStore, dir: &Path) -> Result<(), CheckpointError> {

@@ -9,6 +9,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::qwen2::{KvCache, Qwen2};
+use crate::rng::Rng;
 
 /// How to pick the next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,20 +47,6 @@ pub enum Finish {
 pub struct Generation {
     pub tokens: Vec<i64>,
     pub finish: Finish,
-}
-
-/// SplitMix64: small, fast, and the same sequence on every platform and version.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// The first index of the largest value, as `torch.argmax` picks.
@@ -121,7 +108,7 @@ pub fn generate(
     if n == 0 || params.max_new_tokens == 0 {
         return out;
     }
-    let mut rngs: Vec<Rng> = (0..n).map(|i| Rng(params.seed.wrapping_add(i as u64))).collect();
+    let mut rngs: Vec<Rng> = (0..n).map(|i| Rng::new(params.seed.wrapping_add(i as u64))).collect();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
     // Left padding: real tokens end at the same column, so the next token is appended
     // to every row at once.
@@ -218,7 +205,7 @@ mod tests {
     #[test]
     fn top_k_one_and_zero_temperature_are_argmax() {
         let logits = [0.1f32, 2.0, -1.0, 2.0, 0.5];
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         assert_eq!(sample(&logits, &SamplingParams::greedy(1), &mut rng), 1);
         let k1 = SamplingParams { temperature: 1.0, top_k: Some(1), ..SamplingParams::greedy(1) };
         assert_eq!(sample(&logits, &k1, &mut rng), 1);
@@ -229,7 +216,7 @@ mod tests {
         // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.8 keeps the first two.
         let logits = [3.0f32, 2.0, 1.0, 0.0];
         let p = SamplingParams { temperature: 1.0, top_p: Some(0.8), ..SamplingParams::greedy(1) };
-        let mut rng = Rng(42);
+        let mut rng = Rng::new(42);
         let mut seen = [0usize; 4];
         for _ in 0..2000 {
             seen[sample(&logits, &p, &mut rng) as usize] += 1;

@@ -9,7 +9,10 @@
 //! - [`model_dir`]: load a model directory (config, weights, tokenizer, EOS ids).
 //! - [`onnx`]: ONNX protobuf messages and graph-building helpers for the exporter.
 //! - [`qwen2`]: the Qwen2 decoder with HF parameter names and a caller-owned KV cache.
+//! - [`rng`]: the seeded SplitMix64 RNG behind sampling and data order.
+//! - [`sft`]: `alignx-trainer sft`, response-only loss, exact resumes.
 //! - [`tokenizer`]: byte-level BPE training (exact round trips) and `tokenizer.json` loading.
+//! - [`optim`]: AdamW (state saved for exact resumes), warmup+cosine schedule, clipping.
 //! - [`prompt_cmd`]: `alignx-trainer prompt`, rendering the prompt protocol of
 //!   `alignx-schemas` for a golden-format input file.
 
@@ -19,6 +22,9 @@ pub mod generate;
 pub mod init;
 pub mod model_dir;
 pub mod onnx;
+pub mod optim;
 pub mod prompt_cmd;
 pub mod qwen2;
+pub mod rng;
+pub mod sft;
 pub mod tokenizer;

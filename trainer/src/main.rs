@@ -10,6 +10,7 @@ use alignx_trainer::generate::{self, SamplingParams};
 use alignx_trainer::init::{self, Preset};
 use alignx_trainer::model_dir::{self, Dtype};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
+use alignx_trainer::sft::{self, SftConfig};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
@@ -50,6 +51,57 @@ enum Command {
     /// Continue a prompt with a model directory and print the continuation. The prompt
     /// is encoded as-is (no chat template).
     Generate(GenerateArgs),
+    /// Supervised fine-tuning on {prompt, response} records (JSON array or JSON Lines);
+    /// loss on response tokens only. Prints a JSON summary on stdout.
+    Sft(SftArgs),
+}
+
+#[derive(Debug, Args)]
+struct SftArgs {
+    /// Model directory to start from.
+    #[arg(long)]
+    model: PathBuf,
+    /// Training records: [{"prompt": …, "response": …}] or one per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: the final model, and checkpoint-STEP directories.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Forward passes per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// The cosine schedule ends at lr × this.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Longer examples (prompt + response + EOS, in tokens) are dropped and counted.
+    #[arg(long, default_value_t = 1024)]
+    max_length: usize,
+    /// Write OUT/checkpoint-STEP every this many steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from OUT/checkpoint-STEP of a run with the same settings.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceChoice,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +192,33 @@ fn run_init(a: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_sft(a: SftArgs) -> anyhow::Result<()> {
+    let cfg = SftConfig {
+        model: a.model,
+        data: a.data,
+        out: a.out,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        warmup_steps: a.warmup_steps,
+        min_lr_ratio: a.min_lr_ratio,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        max_length: a.max_length,
+        save_every: a.save_every,
+        seed: a.seed,
+        resume: a.resume,
+        device: device::resolve(a.device)?,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    tch::manual_seed(cfg.seed as i64);
+    let summary = sft::run(&cfg)?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
 fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = device::resolve(a.device)?;
     let prompt = if a.prompt_file.as_os_str() == "-" {
@@ -184,6 +263,7 @@ fn main() -> ExitCode {
         }
         Command::Init(args) => report(run_init(args)),
         Command::Generate(args) => report(run_generate(args)),
+        Command::Sft(args) => report(run_sft(args)),
     }
 }
 

@@ -1,0 +1,281 @@
+//! `alignx-trainer sft`: supervised fine-tuning on `{prompt, response}` records (the
+//! paper's `cold_start.json`, JSON array or JSON Lines). The loss covers response tokens
+//! only (and the EOS after them), averaged over every response token of an optimizer
+//! step, however the step is split into micro-batches.
+//!
+//! Data order comes from the seed alone (one shuffle per epoch), and the optimizer state
+//! is saved with each checkpoint, so `--resume` continues with exactly the losses an
+//! uninterrupted run would have had.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use alignx_schemas::training::{ColdStartRecord, read_records};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, CONFIG_FILE, CheckpointError};
+use crate::model_dir::{self, Dtype, LoadError};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
+use crate::rng::Rng;
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// Everything a run needs; the CLI fills it.
+#[derive(Debug, Clone)]
+pub struct SftConfig {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (default: all epochs).
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    /// Examples longer than this (prompt + response + EOS) are dropped and counted.
+    pub max_length: usize,
+    /// Write `out/checkpoint-STEP` every this many steps (0: never).
+    pub save_every: usize,
+    pub seed: u64,
+    /// A `checkpoint-STEP` directory of an earlier run with the same settings.
+    pub resume: Option<PathBuf>,
+    pub device: Device,
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SftError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{path}: {problems}")]
+    Records { path: String, problems: alignx_schemas::Problems },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot resume from {path}: {message}")]
+    Resume { path: String, message: String },
+}
+
+/// What a run did, printed as JSON at the end.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SftSummary {
+    pub steps: usize,
+    pub examples: usize,
+    pub dropped_too_long: usize,
+    /// Input tokens processed (padding excluded).
+    pub tokens: u64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    /// Token-mean response loss of every optimizer step this run took, in order.
+    pub losses: Vec<f64>,
+    /// The first step this run took (non-zero when resumed).
+    pub start_step: usize,
+}
+
+/// What a checkpoint records besides weights and optimizer state.
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    seed: u64,
+    total_steps: usize,
+}
+
+/// One tokenised example: `ids` = prompt + response + EOS; loss on `ids[prompt_len..]`.
+struct Example {
+    ids: Vec<i64>,
+    prompt_len: usize,
+}
+
+fn tokenize(
+    records: &[ColdStartRecord],
+    tok: &tokenizers::Tokenizer,
+    eos: i64,
+    max_length: usize,
+) -> Result<(Vec<Example>, usize), SftError> {
+    let encode = |t: &str| -> Result<Vec<i64>, SftError> {
+        let enc = tok.encode(t, false).map_err(|e| SftError::Invalid(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+    };
+    let mut kept = Vec::new();
+    let mut dropped = 0;
+    for r in records {
+        let mut ids = encode(&r.prompt)?;
+        let prompt_len = ids.len();
+        ids.extend(encode(&r.response)?);
+        ids.push(eos);
+        if ids.len() > max_length {
+            dropped += 1;
+        } else {
+            kept.push(Example { ids, prompt_len });
+        }
+    }
+    Ok((kept, dropped))
+}
+
+/// Right-padded batch: `(input_ids, attention_mask, position_ids, targets, target_mask)`,
+/// targets shifted by one so position `t` predicts token `t + 1`.
+fn batch(examples: &[&Example], device: Device) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+    let b = examples.len();
+    let width = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let (mut ids, mut mask, mut targets, mut tmask) =
+        (vec![0i64; b * width], vec![0i64; b * width], vec![0i64; b * width], vec![0f32; b * width]);
+    for (r, e) in examples.iter().enumerate() {
+        for (j, &t) in e.ids.iter().enumerate() {
+            ids[r * width + j] = t;
+            mask[r * width + j] = 1;
+            if j + 1 < e.ids.len() {
+                targets[r * width + j] = e.ids[j + 1];
+                // Position j predicts token j+1, a response token when j+1 >= prompt_len.
+                if j + 1 >= e.prompt_len {
+                    tmask[r * width + j] = 1.0;
+                }
+            }
+        }
+    }
+    let shape = [b as i64, width as i64];
+    let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+    let positions = Tensor::arange(width as i64, (Kind::Int64, device)).unsqueeze(0).expand(shape, false);
+    (t(&ids), t(&mask), positions, t(&targets), Tensor::from_slice(&tmask).view(shape).to_device(device))
+}
+
+fn read_config_json(dir: &Path) -> Result<serde_json::Value, SftError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| SftError::Read { path: path.display().to_string(), message: e.to_string() })?;
+    serde_json::from_str(&text)
+        .map_err(|e| SftError::Read { path: path.display().to_string(), message: e.to_string() })
+}
+
+pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
+        return Err(SftError::Invalid("--batch-size, --grad-accum and --epochs must be at least 1".into()));
+    }
+    let text = std::fs::read_to_string(&cfg.data)
+        .map_err(|e| SftError::Read { path: cfg.data.display().to_string(), message: e.to_string() })?;
+    let records = read_records::<ColdStartRecord>(&text)
+        .map_err(|problems| SftError::Records { path: cfg.data.display().to_string(), problems })?;
+    // Weights come from the checkpoint when resuming; everything else from --model.
+    let weights_dir = cfg.resume.as_deref().unwrap_or(&cfg.model);
+    let loaded = model_dir::load(weights_dir, cfg.device, Dtype::Fp32)?;
+    let config_json = read_config_json(weights_dir)?;
+    let eos = *loaded.eos.first().ok_or_else(|| SftError::Invalid("the model has no eos_token_id".into()))?;
+    let (examples, dropped) = tokenize(&records, &loaded.tokenizer, eos, cfg.max_length)?;
+    if examples.is_empty() {
+        return Err(SftError::Invalid(format!(
+            "no example fits --max-length {} ({} records, all too long)",
+            cfg.max_length,
+            records.len()
+        )));
+    }
+    let per_step = cfg.batch_size * cfg.grad_accum;
+    let steps_per_epoch = examples.len().div_ceil(per_step);
+    let total_steps = cfg.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * cfg.epochs);
+
+    let mut params: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt =
+        AdamW::new(params, AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() });
+    let mut start_step = 0;
+    if let Some(dir) = &cfg.resume {
+        let resume_err = |message: String| SftError::Resume { path: dir.display().to_string(), message };
+        let state: TrainerState = std::fs::read_to_string(dir.join(STATE_FILE))
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+            .map_err(resume_err)?;
+        if state.seed != cfg.seed || state.total_steps != total_steps {
+            return Err(resume_err(format!(
+                "it was written with seed {} and {} total steps; this run has seed {} and {}",
+                state.seed, state.total_steps, cfg.seed, total_steps
+            )));
+        }
+        opt.load(&dir.join(OPTIMIZER_FILE)).map_err(resume_err)?;
+        start_step = state.step;
+    }
+
+    let bar = if cfg.progress {
+        indicatif::ProgressBar::new(total_steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("sft {bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("valid template"),
+    );
+    bar.set_position(start_step as u64);
+    let started = Instant::now();
+    let mut tokens = 0u64;
+    let mut losses = Vec::new();
+    let mut order: Vec<usize> = Vec::new();
+    let mut order_epoch = usize::MAX;
+    for step in start_step..total_steps {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            order = (0..examples.len()).collect();
+            Rng::new(cfg.seed.wrapping_add(epoch as u64)).shuffle(&mut order);
+            order_epoch = epoch;
+        }
+        let first = (step % steps_per_epoch) * per_step;
+        let chosen: Vec<&Example> =
+            order[first..(first + per_step).min(order.len())].iter().map(|&i| &examples[i]).collect();
+        let step_targets: usize = chosen.iter().map(|e| e.ids.len() - e.prompt_len).sum();
+        opt.zero_grad();
+        let mut loss_sum = 0.0;
+        for micro in chosen.chunks(cfg.batch_size) {
+            let (ids, mask, positions, targets, tmask) = batch(micro, cfg.device);
+            tokens += mask.sum(Kind::Int64).int64_value(&[]) as u64;
+            let logits = loaded.model.forward(&ids, &mask, &positions, &mut crate::qwen2::KvCache::new());
+            let logp =
+                logits.log_softmax(-1, Kind::Float).gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1);
+            let nll = -(logp * &tmask).sum(Kind::Float);
+            loss_sum += nll.double_value(&[]);
+            (nll / step_targets as f64).backward();
+        }
+        clip_grad_norm(opt.params(), cfg.max_grad_norm);
+        opt.step(learning_rate(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio));
+        let loss = loss_sum / step_targets as f64;
+        losses.push(loss);
+        let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens as f64 / elapsed));
+        bar.inc(1);
+        let done = step + 1;
+        if cfg.save_every > 0 && done % cfg.save_every == 0 && done < total_steps {
+            let dir = cfg.out.join(format!("checkpoint-{done}"));
+            let state = TrainerState { step: done, seed: cfg.seed, total_steps };
+            checkpoint::save_with(&loaded.vs, &config_json, Some(&cfg.model), &dir, |tmp| {
+                opt.save(&tmp.join(OPTIMIZER_FILE)).map_err(|e| checkpoint::io_error(tmp, e))?;
+                let text = serde_json::to_string_pretty(&state).expect("state serialises");
+                std::fs::write(tmp.join(STATE_FILE), text).map_err(|e| checkpoint::io_error(tmp, e))
+            })?;
+        }
+    }
+    bar.finish_and_clear();
+    // The final model replaces --out's model files; checkpoints inside it are kept.
+    let final_dir = cfg.out.join("final.partial");
+    checkpoint::save(&loaded.vs, &config_json, Some(&cfg.model), &final_dir)?;
+    for entry in std::fs::read_dir(&final_dir).map_err(|e| checkpoint::io_error(&final_dir, e))? {
+        let entry = entry.map_err(|e| checkpoint::io_error(&final_dir, e))?;
+        let to = cfg.out.join(entry.file_name());
+        std::fs::rename(entry.path(), &to).map_err(|e| checkpoint::io_error(&to, e))?;
+    }
+    std::fs::remove_dir(&final_dir).map_err(|e| checkpoint::io_error(&final_dir, e))?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(SftSummary {
+        steps: total_steps - start_step,
+        examples: examples.len(),
+        dropped_too_long: dropped,
+        tokens,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds.max(1e-9),
+        losses,
+        start_step,
+    })
+}

@@ -1,0 +1,106 @@
+//! SFT on a tiny model: the loss falls, micro-batching does not change the step loss,
+//! a resumed run repeats the uninterrupted one exactly, and over-long examples are
+//! dropped and counted.
+
+use std::path::{Path, PathBuf};
+
+use alignx_trainer::init::{Preset, init};
+use alignx_trainer::sft::{SftConfig, SftError, run};
+use tch::Device;
+
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let styles = [
+        ("brief", "Prefers brief, direct answers."),
+        ("jokes", "Enjoys humour and playful replies."),
+        ("detail", "Wants thorough, detailed explanations with examples."),
+    ];
+    let mut corpus = String::new();
+    let mut data = String::new();
+    for i in 0..48 {
+        let (k, summary) = styles[i % 3];
+        let prompt = format!("This is the problem:\nuser {i} chose the {k} reply\nAssistant: <think>");
+        let response = format!(" The user picks {k} replies. </think> <answer> {summary} </answer>");
+        corpus.push_str(&format!("{prompt}{response}\n"));
+        data.push_str(&serde_json::json!({"prompt": prompt, "response": response}).to_string());
+        data.push('\n');
+    }
+    let corpus_path = dir.join("corpus.txt");
+    std::fs::write(&corpus_path, corpus.repeat(4)).unwrap();
+    let data_path = dir.join("sft.jsonl");
+    std::fs::write(&data_path, data).unwrap();
+    let model = dir.join("model");
+    let mut shape = Preset::Tiny.shape();
+    shape.vocab_size = 400;
+    init(&corpus_path, &shape, 1, &model, false).unwrap();
+    (model, data_path)
+}
+
+fn config(model: &Path, data: &Path, out: &Path) -> SftConfig {
+    SftConfig {
+        model: model.to_path_buf(),
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        epochs: 3,
+        max_steps: None,
+        batch_size: 8,
+        grad_accum: 1,
+        lr: 3e-3,
+        warmup_steps: 2,
+        min_lr_ratio: 0.1,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        max_length: 256,
+        save_every: 6,
+        seed: 9,
+        resume: None,
+        device: Device::Cpu,
+        progress: false,
+    }
+}
+
+#[test]
+fn loss_falls_and_resume_repeats_the_run_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path());
+    let full = run(&config(&model, &data, &dir.path().join("a"))).unwrap();
+    assert_eq!((full.steps, full.examples, full.dropped_too_long), (18, 48, 0));
+    let (first, last) = (full.losses[0], *full.losses.last().unwrap());
+    assert!(last < first * 0.7, "loss should fall: {first} -> {last}");
+
+    let resumed = run(&SftConfig {
+        resume: Some(dir.path().join("a/checkpoint-12")),
+        ..config(&model, &data, &dir.path().join("b"))
+    })
+    .unwrap();
+    assert_eq!(resumed.start_step, 12);
+    assert_eq!(resumed.losses, full.losses[12..], "a resumed run must repeat the losses exactly");
+    let weights = |d: &str| std::fs::read(dir.path().join(d).join("model.safetensors")).unwrap();
+    assert_eq!(weights("a"), weights("b"));
+}
+
+#[test]
+fn micro_batches_do_not_change_the_step_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path());
+    let whole = SftConfig { epochs: 1, save_every: 0, ..config(&model, &data, &dir.path().join("a")) };
+    let split = SftConfig { batch_size: 2, grad_accum: 4, ..whole.clone() };
+    let (a, b) = (run(&whole).unwrap(), run(&SftConfig { out: dir.path().join("b"), ..split }).unwrap());
+    assert_eq!(a.losses.len(), b.losses.len());
+    for (x, y) in a.losses.iter().zip(&b.losses) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+}
+
+#[test]
+fn over_long_examples_are_dropped_and_bad_records_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path());
+    let long = SftConfig { max_length: 10, ..config(&model, &data, &dir.path().join("a")) };
+    assert!(matches!(run(&long), Err(SftError::Invalid(m)) if m.contains("no example fits")));
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"prompt": "p", "response": "r"}, {"prompt": "p"}]"#).unwrap();
+    let err = run(&SftConfig { data: bad, ..config(&model, &data, &dir.path().join("b")) })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("$[1].response"), "{err}");
+}
