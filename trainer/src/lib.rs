@@ -6,6 +6,7 @@
 //! - [`device`]: `--device cpu|cuda|auto`, loading libtorch's CUDA part on GPU machines.
 //! - [`generate`]: batched KV-cached sampling (greedy, temperature, top-k, top-p, stops).
 //! - [`init`]: `alignx-trainer init`, a new tiny model directory (presets, BPE tokenizer).
+//! - [`lora`]: LoRA adapters in the PEFT layout; merging into base weights.
 //! - [`model_dir`]: load a model directory (config, weights, tokenizer, EOS ids).
 //! - [`onnx`]: ONNX protobuf messages and graph-building helpers for the exporter.
 //! - [`qwen2`]: the Qwen2 decoder with HF parameter names and a caller-owned KV cache.
@@ -20,6 +21,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod generate;
 pub mod init;
+pub mod lora;
 pub mod model_dir;
 pub mod onnx;
 pub mod optim;

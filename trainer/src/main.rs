@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use alignx_trainer::device::{self, DeviceChoice};
 use alignx_trainer::generate::{self, SamplingParams};
 use alignx_trainer::init::{self, Preset};
+use alignx_trainer::lora::LoraConfig;
 use alignx_trainer::model_dir::{self, Dtype};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
 use alignx_trainer::sft::{self, SftConfig};
@@ -51,6 +52,17 @@ enum Command {
     /// Continue a prompt with a model directory and print the continuation. The prompt
     /// is encoded as-is (no chat template).
     Generate(GenerateArgs),
+    /// Fold a LoRA adapter into its base model, writing a plain model directory.
+    MergeLora {
+        /// Base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter directory (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Supervised fine-tuning on {prompt, response} records (JSON array or JSON Lines);
     /// loss on response tokens only. Prints a JSON summary on stdout.
     Sft(SftArgs),
@@ -100,6 +112,15 @@ struct SftArgs {
     /// Continue from OUT/checkpoint-STEP of a run with the same settings.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Train a LoRA adapter of this rank instead of all weights (output: a PEFT adapter).
+    #[arg(long)]
+    lora_rank: Option<i64>,
+    /// LoRA scaling numerator (default: 2 × rank).
+    #[arg(long, requires = "lora_rank")]
+    lora_alpha: Option<f64>,
+    /// Projections to adapt: q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,k,v,o", requires = "lora_rank")]
+    lora_targets: String,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceChoice,
 }
@@ -212,6 +233,15 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         resume: a.resume,
         device: device::resolve(a.device)?,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        lora: match a.lora_rank {
+            None => None,
+            Some(rank) if rank <= 0 => anyhow::bail!("--lora-rank must be positive"),
+            Some(rank) => Some(LoraConfig {
+                rank,
+                lora_alpha: a.lora_alpha.unwrap_or(2.0 * rank as f64),
+                target_modules: LoraConfig::parse_targets(&a.lora_targets).map_err(anyhow::Error::msg)?,
+            }),
+        },
     };
     tch::manual_seed(cfg.seed as i64);
     let summary = sft::run(&cfg)?;
@@ -264,6 +294,9 @@ fn main() -> ExitCode {
         Command::Init(args) => report(run_init(args)),
         Command::Generate(args) => report(run_generate(args)),
         Command::Sft(args) => report(run_sft(args)),
+        Command::MergeLora { model, adapter, out } => {
+            report(model_dir::merge_lora(&model, &adapter, &out).map_err(anyhow::Error::from))
+        }
     }
 }
 

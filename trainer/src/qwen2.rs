@@ -9,6 +9,8 @@
 use std::path::Path;
 
 use serde::Deserialize;
+
+use crate::lora::{Lora, LoraConfig};
 use tch::nn::{self, Init, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -251,34 +253,73 @@ impl Rotary {
     }
 }
 
-fn linear(vs: nn::Path, inp: i64, out: i64, bias: bool, std: f64) -> nn::Linear {
-    let config = nn::LinearConfig {
-        ws_init: Init::Randn { mean: 0.0, stdev: std },
-        bs_init: Some(Init::Const(0.0)),
-        bias,
-    };
-    nn::linear(vs, inp, out, config)
+/// Where a block's parameters go: the base weights, and the LoRA adapters (if any) under
+/// the same relative names in their own store.
+#[derive(Clone)]
+struct Scope<'a> {
+    base: nn::Path<'a>,
+    lora: Option<(nn::Path<'a>, &'a LoraConfig)>,
+}
+
+impl<'a> Scope<'a> {
+    fn sub(&self, name: impl ToString + Copy) -> Scope<'a> {
+        Scope { base: &self.base / name, lora: self.lora.as_ref().map(|(p, c)| (p / name, *c)) }
+    }
+}
+
+/// A projection (`nn::Linear`) with an optional LoRA adapter.
+#[derive(Debug)]
+struct Proj {
+    linear: nn::Linear,
+    lora: Option<Lora>,
+}
+
+impl Proj {
+    fn new(scope: &Scope, name: &str, inp: i64, out: i64, bias: bool, std: f64) -> Self {
+        let config = nn::LinearConfig {
+            ws_init: Init::Randn { mean: 0.0, stdev: std },
+            bs_init: Some(Init::Const(0.0)),
+            bias,
+        };
+        let linear = nn::linear(&scope.base / name, inp, out, config);
+        let lora = scope
+            .lora
+            .as_ref()
+            .filter(|(_, c)| c.targets(name))
+            .map(|(p, c)| Lora::new(p / name, inp, out, c));
+        Self { linear, lora }
+    }
+}
+
+impl Module for Proj {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.linear.forward(x);
+        match &self.lora {
+            Some(l) => y + l.delta(x),
+            None => y,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    o_proj: nn::Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
 }
 
 impl Attention {
-    fn new(vs: nn::Path, c: &Config) -> Self {
+    fn new(s: &Scope, c: &Config) -> Self {
         let (h, d, std) = (c.hidden_size, c.head_dim(), c.initializer_range);
         Self {
-            q_proj: linear(&vs / "q_proj", h, c.num_attention_heads * d, true, std),
-            k_proj: linear(&vs / "k_proj", h, c.kv_heads() * d, true, std),
-            v_proj: linear(&vs / "v_proj", h, c.kv_heads() * d, true, std),
-            o_proj: linear(&vs / "o_proj", c.num_attention_heads * d, h, false, std),
+            q_proj: Proj::new(s, "q_proj", h, c.num_attention_heads * d, true, std),
+            k_proj: Proj::new(s, "k_proj", h, c.kv_heads() * d, true, std),
+            v_proj: Proj::new(s, "v_proj", h, c.kv_heads() * d, true, std),
+            o_proj: Proj::new(s, "o_proj", c.num_attention_heads * d, h, false, std),
             heads: c.num_attention_heads,
             kv_heads: c.kv_heads(),
             head_dim: d,
@@ -330,18 +371,18 @@ impl Attention {
 
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: nn::Linear,
-    up_proj: nn::Linear,
-    down_proj: nn::Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
-    fn new(vs: nn::Path, c: &Config) -> Self {
+    fn new(s: &Scope, c: &Config) -> Self {
         let (h, i, std) = (c.hidden_size, c.intermediate_size, c.initializer_range);
         Self {
-            gate_proj: linear(&vs / "gate_proj", h, i, false, std),
-            up_proj: linear(&vs / "up_proj", h, i, false, std),
-            down_proj: linear(&vs / "down_proj", i, h, false, std),
+            gate_proj: Proj::new(s, "gate_proj", h, i, false, std),
+            up_proj: Proj::new(s, "up_proj", h, i, false, std),
+            down_proj: Proj::new(s, "down_proj", i, h, false, std),
         }
     }
 }
@@ -361,16 +402,16 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(vs: nn::Path, c: &Config) -> Self {
+    fn new(s: &Scope, c: &Config) -> Self {
         Self {
-            input_layernorm: RmsNorm::new(&vs / "input_layernorm", c.hidden_size, c.rms_norm_eps),
-            self_attn: Attention::new(&vs / "self_attn", c),
+            input_layernorm: RmsNorm::new(&s.base / "input_layernorm", c.hidden_size, c.rms_norm_eps),
+            self_attn: Attention::new(&s.sub("self_attn"), c),
             post_attention_layernorm: RmsNorm::new(
-                &vs / "post_attention_layernorm",
+                &s.base / "post_attention_layernorm",
                 c.hidden_size,
                 c.rms_norm_eps,
             ),
-            mlp: Mlp::new(&vs / "mlp", c),
+            mlp: Mlp::new(&s.sub("mlp"), c),
         }
     }
 
@@ -416,16 +457,26 @@ impl Qwen2 {
     /// Creates the parameters under `vs` with Hugging Face names and random values
     /// (normal, std `initializer_range`; norms at 1; biases at 0).
     pub fn new(vs: &nn::Path, config: &Config) -> Self {
-        let model = vs / "model";
+        Self::build(Scope { base: vs / "model", lora: None }, vs, config)
+    }
+
+    /// As [`Qwen2::new`], with LoRA adapters on `lora.target_modules` created under
+    /// `lora_vs` (same relative names as the base parameters).
+    pub fn with_lora(vs: &nn::Path, lora_vs: &nn::Path, lora: &LoraConfig, config: &Config) -> Self {
+        Self::build(Scope { base: vs / "model", lora: Some((lora_vs / "model", lora)) }, vs, config)
+    }
+
+    fn build(model: Scope, vs: &nn::Path, config: &Config) -> Self {
         let std = config.initializer_range;
-        let embed_tokens = (&model / "embed_tokens").var(
+        let embed_tokens = (&model.base / "embed_tokens").var(
             "weight",
             &[config.vocab_size, config.hidden_size],
             Init::Randn { mean: 0.0, stdev: std },
         );
-        let layers =
-            (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&model / "layers" / i, config)).collect();
-        let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&model.sub("layers").sub(i), config))
+            .collect();
+        let norm = RmsNorm::new(&model.base / "norm", config.hidden_size, config.rms_norm_eps);
         let lm_head = (!config.tie_word_embeddings).then(|| {
             (vs / "lm_head").var(
                 "weight",

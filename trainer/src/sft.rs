@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CONFIG_FILE, CheckpointError};
+use crate::lora::{self, LoraConfig};
 use crate::model_dir::{self, Dtype, LoadError};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
 use crate::rng::Rng;
@@ -47,6 +48,8 @@ pub struct SftConfig {
     pub resume: Option<PathBuf>,
     pub device: Device,
     pub progress: bool,
+    /// Train LoRA adapters instead of all weights; the output is then an adapter.
+    pub lora: Option<LoraConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +158,20 @@ fn read_config_json(dir: &Path) -> Result<serde_json::Value, SftError> {
         .map_err(|e| SftError::Read { path: path.display().to_string(), message: e.to_string() })
 }
 
+/// Saves what this run trains: the whole model, or the adapter.
+fn save(
+    cfg: &SftConfig,
+    loaded: &model_dir::LoadedModel,
+    config_json: &serde_json::Value,
+    dir: &Path,
+    extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    match (&cfg.lora, &loaded.lora_vs) {
+        (Some(lora), Some(lora_vs)) => lora::save_adapter(lora_vs, lora, &cfg.model, dir, extra),
+        _ => checkpoint::save_with(&loaded.vs, config_json, Some(&cfg.model), dir, extra),
+    }
+}
+
 pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
     if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 {
         return Err(SftError::Invalid("--batch-size, --grad-accum and --epochs must be at least 1".into()));
@@ -163,10 +180,24 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         .map_err(|e| SftError::Read { path: cfg.data.display().to_string(), message: e.to_string() })?;
     let records = read_records::<ColdStartRecord>(&text)
         .map_err(|problems| SftError::Records { path: cfg.data.display().to_string(), problems })?;
-    // Weights come from the checkpoint when resuming; everything else from --model.
-    let weights_dir = cfg.resume.as_deref().unwrap_or(&cfg.model);
-    let loaded = model_dir::load(weights_dir, cfg.device, Dtype::Fp32)?;
+    // Full fine-tuning resumes all weights from the checkpoint; LoRA resumes only the
+    // adapter, on top of the base model.
+    let weights_dir = match (&cfg.lora, &cfg.resume) {
+        (None, Some(dir)) => dir.as_path(),
+        _ => cfg.model.as_path(),
+    };
+    let loaded = model_dir::load_with_lora(weights_dir, cfg.device, Dtype::Fp32, cfg.lora.as_ref())?;
     let config_json = read_config_json(weights_dir)?;
+    if let (Some(lora), Some(dir), Some(lora_vs)) = (&cfg.lora, &cfg.resume, &loaded.lora_vs) {
+        let saved = LoraConfig::read(dir)?;
+        if &saved != lora {
+            return Err(SftError::Resume {
+                path: dir.display().to_string(),
+                message: format!("its adapter is {saved:?}, this run asks for {lora:?}"),
+            });
+        }
+        lora::load_adapter(lora_vs, dir)?;
+    }
     let eos = *loaded.eos.first().ok_or_else(|| SftError::Invalid("the model has no eos_token_id".into()))?;
     let (examples, dropped) = tokenize(&records, &loaded.tokenizer, eos, cfg.max_length)?;
     if examples.is_empty() {
@@ -180,7 +211,8 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
     let steps_per_epoch = examples.len().div_ceil(per_step);
     let total_steps = cfg.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * cfg.epochs);
 
-    let mut params: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
+    let trained = loaded.lora_vs.as_ref().unwrap_or(&loaded.vs);
+    let mut params: Vec<(String, Tensor)> = trained.variables().into_iter().collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt =
         AdamW::new(params, AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() });
@@ -248,9 +280,8 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         bar.inc(1);
         let done = step + 1;
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done < total_steps {
-            let dir = cfg.out.join(format!("checkpoint-{done}"));
             let state = TrainerState { step: done, seed: cfg.seed, total_steps };
-            checkpoint::save_with(&loaded.vs, &config_json, Some(&cfg.model), &dir, |tmp| {
+            save(cfg, &loaded, &config_json, &cfg.out.join(format!("checkpoint-{done}")), |tmp| {
                 opt.save(&tmp.join(OPTIMIZER_FILE)).map_err(|e| checkpoint::io_error(tmp, e))?;
                 let text = serde_json::to_string_pretty(&state).expect("state serialises");
                 std::fs::write(tmp.join(STATE_FILE), text).map_err(|e| checkpoint::io_error(tmp, e))
@@ -258,9 +289,9 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         }
     }
     bar.finish_and_clear();
-    // The final model replaces --out's model files; checkpoints inside it are kept.
+    // The final model (or adapter) replaces --out's files; checkpoints inside it are kept.
     let final_dir = cfg.out.join("final.partial");
-    checkpoint::save(&loaded.vs, &config_json, Some(&cfg.model), &final_dir)?;
+    save(cfg, &loaded, &config_json, &final_dir, |_| Ok(()))?;
     for entry in std::fs::read_dir(&final_dir).map_err(|e| checkpoint::io_error(&final_dir, e))? {
         let entry = entry.map_err(|e| checkpoint::io_error(&final_dir, e))?;
         let to = cfg.out.join(entry.file_name());
