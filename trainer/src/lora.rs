@@ -78,8 +78,10 @@ impl Lora {
     }
 
     /// The adapter's contribution for input `x`.
+    /// Computed in the adapter's precision (f32) even over a bf16/fp16 base.
     pub fn delta(&self, x: &Tensor) -> Tensor {
-        x.matmul(&self.a.transpose(0, 1)).matmul(&self.b.transpose(0, 1)) * self.scale
+        let h = x.to_kind(self.a.kind()).matmul(&self.a.transpose(0, 1)).matmul(&self.b.transpose(0, 1));
+        (h * self.scale).to_kind(x.kind())
     }
 }
 

@@ -112,6 +112,9 @@ struct SftArgs {
     /// Continue from OUT/checkpoint-STEP of a run with the same settings.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Weight precision while training (bf16/fp16 keep f32 master weights).
+    #[arg(long, value_enum, default_value = "fp32")]
+    dtype: Dtype,
     /// Train a LoRA adapter of this rank instead of all weights (output: a PEFT adapter).
     #[arg(long)]
     lora_rank: Option<i64>,
@@ -232,6 +235,7 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         seed: a.seed,
         resume: a.resume,
         device: device::resolve(a.device)?,
+        dtype: a.dtype,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         lora: match a.lora_rank {
             None => None,

@@ -55,12 +55,15 @@ pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
     norm
 }
 
-/// AdamW over named parameters (those with `requires_grad`).
+/// AdamW over named parameters (those with `requires_grad`). Parameters kept in bf16 or
+/// fp16 get an f32 master copy that takes the updates (small updates would otherwise
+/// round away); the parameter is refreshed from it after each step.
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<(String, Tensor)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    master: Vec<Option<Tensor>>,
     step: i64,
 }
 
@@ -69,7 +72,11 @@ impl AdamW {
         let zeros = |p: &Tensor| p.zeros_like().to_kind(Kind::Float);
         let m = params.iter().map(|(_, p)| zeros(p)).collect();
         let v = params.iter().map(|(_, p)| zeros(p)).collect();
-        Self { config, params, m, v, step: 0 }
+        let master = params
+            .iter()
+            .map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float)))
+            .collect();
+        Self { config, params, m, v, master, step: 0 }
     }
 
     pub fn params(&self) -> &[(String, Tensor)] {
@@ -92,20 +99,24 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         tch::no_grad(|| {
-            for ((_, p), (m, v)) in self.params.iter().zip(self.m.iter_mut().zip(self.v.iter_mut())) {
+            for (i, (_, p)) in self.params.iter().enumerate() {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
                 let g = g.to_kind(Kind::Float);
+                let (m, v) = (&mut self.m[i], &mut self.v[i]);
                 *m = &*m * c.beta1 + &g * (1.0 - c.beta1);
                 *v = &*v * c.beta2 + g.pow_tensor_scalar(2) * (1.0 - c.beta2);
                 let update = (&*m / bias1) / ((&*v / bias2).sqrt() + c.eps);
-                let mut p = p.shallow_clone();
+                let mut w = self.master[i].as_ref().unwrap_or(p).shallow_clone();
                 if c.weight_decay > 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
+                    let _ = w.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
-                let _ = p.g_sub_(&(update * lr).to_kind(p.kind()));
+                let _ = w.g_sub_(&(update * lr));
+                if self.master[i].is_some() {
+                    let _ = p.shallow_clone().copy_(&w);
+                }
             }
         });
     }
@@ -113,9 +124,12 @@ impl AdamW {
     /// Saves moments and step next to a checkpoint.
     pub fn save(&self, path: &Path) -> Result<(), tch::TchError> {
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.params.len() + 1);
-        for ((name, _), (m, v)) in self.params.iter().zip(self.m.iter().zip(&self.v)) {
-            named.push((format!("m.{name}"), m.shallow_clone()));
-            named.push((format!("v.{name}"), v.shallow_clone()));
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            named.push((format!("m.{name}"), self.m[i].shallow_clone()));
+            named.push((format!("v.{name}"), self.v[i].shallow_clone()));
+            if let Some(w) = &self.master[i] {
+                named.push((format!("w.{name}"), w.shallow_clone()));
+            }
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step])));
         Tensor::write_safetensors(&named, path)
@@ -129,6 +143,11 @@ impl AdamW {
         for (i, (name, _)) in self.params.iter().enumerate() {
             self.m[i] = get(&format!("m.{name}"))?.shallow_clone();
             self.v[i] = get(&format!("v.{name}"))?.shallow_clone();
+            if self.master[i].is_some() {
+                let w = get(&format!("w.{name}"))?.shallow_clone();
+                tch::no_grad(|| self.params[i].1.shallow_clone().copy_(&w));
+                self.master[i] = Some(w);
+            }
         }
         self.step = get("step")?.int64_value(&[0]);
         Ok(())

@@ -47,6 +47,9 @@ pub struct SftConfig {
     /// A `checkpoint-STEP` directory of an earlier run with the same settings.
     pub resume: Option<PathBuf>,
     pub device: Device,
+    /// Precision of the model's weights during training (bf16/fp16 keep f32 masters in
+    /// the optimizer; losses and softmax are always f32).
+    pub dtype: Dtype,
     pub progress: bool,
     /// Train LoRA adapters instead of all weights; the output is then an adapter.
     pub lora: Option<LoraConfig>,
@@ -186,7 +189,7 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         (None, Some(dir)) => dir.as_path(),
         _ => cfg.model.as_path(),
     };
-    let loaded = model_dir::load_with_lora(weights_dir, cfg.device, Dtype::Fp32, cfg.lora.as_ref())?;
+    let loaded = model_dir::load_with_lora(weights_dir, cfg.device, cfg.dtype, cfg.lora.as_ref())?;
     let config_json = read_config_json(weights_dir)?;
     if let (Some(lora), Some(dir), Some(lora_vs)) = (&cfg.lora, &cfg.resume, &loaded.lora_vs) {
         let saved = LoraConfig::read(dir)?;

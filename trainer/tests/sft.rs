@@ -56,6 +56,7 @@ fn config(model: &Path, data: &Path, out: &Path) -> SftConfig {
         seed: 9,
         resume: None,
         device: Device::Cpu,
+        dtype: Dtype::Fp32,
         progress: false,
         lora: None,
     }
@@ -140,4 +141,20 @@ fn lora_writes_an_adapter_that_resumes_exactly_and_merges() {
     });
     assert!((&a - &m).abs().max().double_value(&[]) < 1e-4, "merged model differs from base + adapter");
     assert!((&a - &b).abs().max().double_value(&[]) > 1e-3, "the adapter should have changed the model");
+}
+
+#[test]
+fn bf16_training_keeps_f32_masters_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path());
+    let cfg = SftConfig { dtype: Dtype::Bf16, ..config(&model, &data, &dir.path().join("a")) };
+    let full = run(&cfg).unwrap();
+    assert!(*full.losses.last().unwrap() < full.losses[0] * 0.8, "{:?}", full.losses);
+    let resumed = run(&SftConfig {
+        resume: Some(dir.path().join("a/checkpoint-12")),
+        out: dir.path().join("b"),
+        ..cfg
+    })
+    .unwrap();
+    assert_eq!(resumed.losses, full.losses[12..]);
 }
