@@ -6,7 +6,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build test demo check fmt hf-parity
+.PHONY: setup build test demo bench check fmt hf-parity
 
 setup:
 	@scripts/setup
@@ -22,6 +22,10 @@ test: setup
 ## Run the main job on the embedded default. ARGS are passed to scripts/demo.
 demo: build
 	$(ENV) scripts/demo $(ARGS)
+
+## Benchmarks (not tests): JSON under target/bench/.
+bench: setup
+	$(ENV) cargo bench -p alignx-trainer --bench trainer -- target/bench/trainer.json
 
 ## Qwen2 logits and greedy decoding against Hugging Face transformers, both ways
 ## (installs a Python oracle once; not part of `make test`).

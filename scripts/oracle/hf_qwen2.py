@@ -34,7 +34,8 @@ def make(root: Path) -> None:
         )
         model = Qwen2ForCausalLM(config).eval()
         out = root / f"hf_{name}"
-        model.save_pretrained(out)
+        # The untied model is saved in shards, so the sharded (index.json) path is exercised.
+        model.save_pretrained(out, max_shard_size="1GB" if tied else "100KB")
         ids = torch.tensor(PROMPT)
         with torch.no_grad():
             logits = model(ids).logits.float()

@@ -111,6 +111,11 @@ fn bf16_weights_load_and_run() {
     // bf16 values widen exactly to f32; the f32 model computes at least as precisely.
     let d = max_diff(&logits, &tch::no_grad(|| m2.forward_full(&ids(&[1, 2, 3]))));
     assert!(d < 0.05, "bf16 vs f32 logits differ by {d}");
+    // fp16 runs too (attention scores, softmax and norms stay f32 inside).
+    let mut vs2 = vs2;
+    vs2.half();
+    let half = tch::no_grad(|| m2.forward_full(&ids(&[1, 2, 3])));
+    assert!(max_diff(&half, &logits) < 0.05);
 }
 
 fn write_config(dir: &Path, patch: Value) -> Result<Config, ConfigError> {
