@@ -115,7 +115,7 @@ impl AdamW {
                 }
                 let _ = w.g_sub_(&(update * lr));
                 if self.master[i].is_some() {
-                    let _ = p.shallow_clone().copy_(&w);
+                    p.shallow_clone().copy_(&w);
                 }
             }
         });
