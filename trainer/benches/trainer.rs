@@ -94,7 +94,9 @@ fn main() {
     let uncached = generate_uncached(&loaded.model, &prompt, NEW_TOKENS);
     let uncached_tps = NEW_TOKENS as f64 / t.elapsed().as_secs_f64();
     let cached =
-        generate(&loaded.model, &[prompt.clone()], &greedy, &[], |_, _| false, Device::Cpu).remove(0).tokens;
+        generate(&loaded.model, std::slice::from_ref(&prompt), &greedy, &[], |_, _| false, Device::Cpu)
+            .remove(0)
+            .tokens;
     assert_eq!(cached, uncached, "cached and uncached greedy decoding must agree");
     generation["uncached_batch_1_tokens_per_s"] = json!(uncached_tps);
     generation["kv_cache_speedup_batch_1"] =
