@@ -26,6 +26,7 @@ demo: build
 ## Benchmarks (not tests): JSON under target/bench/.
 bench: setup
 	$(ENV) cargo bench -p alignx-trainer --bench trainer -- target/bench/trainer.json
+	$(ENV) cargo bench -p alignx-tests --bench onnx -- target/bench/onnx.json
 
 ## Qwen2 logits and greedy decoding against Hugging Face transformers, both ways
 ## (installs a Python oracle once; not part of `make test`).

@@ -11,6 +11,7 @@
 //! An explicitly given path that does not exist is an error, never a silent fallback.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The ONNX Runtime release our `ort` version speaks (API 31).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -28,6 +29,8 @@ pub enum OrtLoadError {
     NotFound { tried: String },
     #[error("cannot load ONNX Runtime from {path}: {message}")]
     Load { path: PathBuf, message: String },
+    #[error("ONNX Runtime is already loaded from {loaded}; cannot also load {requested} in one process")]
+    AlreadyLoaded { loaded: PathBuf, requested: PathBuf },
 }
 
 /// A loaded ONNX Runtime with its process-wide environment. Sessions may be created
@@ -75,13 +78,29 @@ pub fn locate(configured: Option<&Path>) -> Result<PathBuf, OrtLoadError> {
     })
 }
 
-/// Locates, loads and initialises ONNX Runtime for this process.
-pub fn init(configured: Option<&Path>) -> Result<OrtRuntime, OrtLoadError> {
+/// The process's runtime, once loaded. ONNX Runtime allows one environment per process.
+static RUNTIME: Mutex<Option<&'static OrtRuntime>> = Mutex::new(None);
+
+/// Locates, loads and initialises ONNX Runtime for this process; later calls return the
+/// same runtime (asking for a different library file then is an error).
+pub fn init(configured: Option<&Path>) -> Result<&'static OrtRuntime, OrtLoadError> {
     let path = locate(configured)?;
+    // A poisoned lock only means another thread panicked while loading; the slot is
+    // still either empty or a complete runtime.
+    let mut slot = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(runtime) = *slot {
+        return if runtime.path == path {
+            Ok(runtime)
+        } else {
+            Err(OrtLoadError::AlreadyLoaded { loaded: runtime.path.clone(), requested: path })
+        };
+    }
     let load_err = |message: String| OrtLoadError::Load { path: path.clone(), message };
     let builder = ort::init_from(&path).map_err(|e| load_err(e.to_string()))?;
     let environment = builder.with_name("alignx").build().map_err(|e| load_err(e.to_string()))?;
-    Ok(OrtRuntime { environment, path })
+    let runtime: &'static OrtRuntime = Box::leak(Box::new(OrtRuntime { environment, path }));
+    *slot = Some(runtime);
+    Ok(runtime)
 }
 
 impl OrtRuntime {

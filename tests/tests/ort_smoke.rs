@@ -71,3 +71,14 @@ fn a_missing_library_is_named_in_the_error() {
         "ONNX Runtime library /nonexistent/libonnxruntime.so (from --ort-library) does not exist"
     );
 }
+
+#[test]
+fn one_runtime_per_process() {
+    let a = onnx_runtime::init(None).unwrap();
+    let b = onnx_runtime::init(None).unwrap();
+    assert!(std::ptr::eq(a, b), "a second init returns the loaded runtime");
+    // Another existing file: refused, naming both.
+    let other = std::env::current_exe().unwrap();
+    let err = onnx_runtime::init(Some(&other)).unwrap_err().to_string();
+    assert!(err.contains("already loaded") && err.contains(&other.display().to_string()), "{err}");
+}

@@ -10,6 +10,7 @@ use alignx_trainer::generate::{self, SamplingParams};
 use alignx_trainer::init::{self, Preset};
 use alignx_trainer::lora::LoraConfig;
 use alignx_trainer::model_dir::{self, Dtype};
+use alignx_trainer::onnx::export::{self, ExportDtype};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
 use alignx_trainer::sft::{self, SftConfig};
 use anyhow::Context;
@@ -52,6 +53,18 @@ enum Command {
     /// Continue a prompt with a model directory and print the continuation. The prompt
     /// is encoded as-is (no chat template).
     Generate(GenerateArgs),
+    /// Export a model directory to ONNX in the HF Optimum decoder-with-past layout
+    /// (model.onnx + config/tokenizer/generation files), servable by alignx-consumer.
+    ExportOnnx {
+        /// Model directory (HF layout; ours or one saved by transformers).
+        #[arg(long)]
+        model: PathBuf,
+        /// Output directory (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "fp32")]
+        dtype: ExportDtype,
+    },
     /// Fold a LoRA adapter into its base model, writing a plain model directory.
     MergeLora {
         /// Base model directory.
@@ -253,6 +266,28 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_export(model: &std::path::Path, out: &std::path::Path, dtype: ExportDtype) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let report = export::export(model, out, dtype, false)?;
+    if !report.missing.is_empty() {
+        eprintln!(
+            "warning: {} has no {}; copy them next to model.onnx before serving",
+            model.display(),
+            report.missing.join(", ")
+        );
+    }
+    eprintln!(
+        "exported {} → {} ({} nodes, {:.1} MB of weights{}, {:.2}s)",
+        model.display(),
+        out.join(export::MODEL_FILE).display(),
+        report.nodes,
+        report.weight_bytes as f64 / 1e6,
+        if report.external { " in model.onnx_data" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = device::resolve(a.device)?;
     let prompt = if a.prompt_file.as_os_str() == "-" {
@@ -298,6 +333,7 @@ fn main() -> ExitCode {
         Command::Init(args) => report(run_init(args)),
         Command::Generate(args) => report(run_generate(args)),
         Command::Sft(args) => report(run_sft(args)),
+        Command::ExportOnnx { model, out, dtype } => report(run_export(&model, &out, dtype)),
         Command::MergeLora { model, adapter, out } => {
             report(model_dir::merge_lora(&model, &adapter, &out).map_err(anyhow::Error::from))
         }

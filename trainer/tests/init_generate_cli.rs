@@ -149,3 +149,33 @@ fn bad_inputs_are_one_line_errors() {
         "missing field",
     );
 }
+
+#[test]
+fn export_onnx_writes_a_servable_directory_and_refuses_unsupported_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path());
+    let model = dir.path().join("m");
+    assert!(
+        trainer(&["init", "--out", model.to_str().unwrap(), "--corpus", corpus.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = dir.path().join("onnx");
+    let run = trainer(&["export-onnx", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    for f in ["model.onnx", "config.json", "tokenizer.json", "generation_config.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // A sliding-window config is refused, naming the field, and nothing is written.
+    let config = model.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["use_sliding_window"] = serde_json::Value::Bool(true);
+    std::fs::write(&config, json.to_string()).unwrap();
+    let out2 = dir.path().join("onnx2");
+    let run = trainer(&["export-onnx", "--model", model.to_str().unwrap(), "--out", out2.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("`use_sliding_window`") && err.trim_end().lines().count() == 1, "{err}");
+    assert!(!out2.exists());
+}
