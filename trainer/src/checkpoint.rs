@@ -167,28 +167,39 @@ pub fn save_with(
     out: &Path,
     extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
+    write_dir_atomically(out, |tmp| {
+        write_weights(vs, tmp)?;
+        let config_path = tmp.join(CONFIG_FILE);
+        let text = serde_json::to_string_pretty(config).map_err(|e| io_err(&config_path, e))?;
+        std::fs::write(&config_path, text).map_err(|e| io_err(&config_path, e))?;
+        if let Some(src) = carry_from {
+            for name in CARRIED_FILES {
+                let from = src.join(name);
+                if from.is_file() {
+                    std::fs::copy(&from, tmp.join(name)).map_err(|e| io_err(&from, e))?;
+                }
+            }
+        }
+        extra(tmp)
+    })
+}
+
+/// Fills a temporary sibling of `out` with `fill`, then renames it to `out` (replacing
+/// an existing one), so `out` is either complete or untouched.
+pub fn write_dir_atomically<T>(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> Result<T, CheckpointError>,
+) -> Result<T, CheckpointError> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
     let tmp =
         tempfile::Builder::new().prefix(".partial-").tempdir_in(parent).map_err(|e| io_err(parent, e))?;
-    write_weights(vs, tmp.path())?;
-    let config_path = tmp.path().join(CONFIG_FILE);
-    let text = serde_json::to_string_pretty(config).map_err(|e| io_err(&config_path, e))?;
-    std::fs::write(&config_path, text).map_err(|e| io_err(&config_path, e))?;
-    if let Some(src) = carry_from {
-        for name in CARRIED_FILES {
-            let from = src.join(name);
-            if from.is_file() {
-                std::fs::copy(&from, tmp.path().join(name)).map_err(|e| io_err(&from, e))?;
-            }
-        }
-    }
-    extra(tmp.path())?;
+    let value = fill(tmp.path())?;
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| io_err(out, e))?;
     }
-    let kept = tmp.keep();
-    std::fs::rename(&kept, out).map_err(|e| io_err(out, e))
+    std::fs::rename(tmp.keep(), out).map_err(|e| io_err(out, e))?;
+    Ok(value)
 }
 
 /// An I/O failure at `path`, for [`save_with`] hooks.

@@ -71,8 +71,6 @@ pub enum InitError {
     Checkpoint(#[from] CheckpointError),
     #[error("invalid shape: {0}")]
     Shape(String),
-    #[error("{path}: {message}")]
-    Io { path: String, message: String },
 }
 
 /// The ChatML template Qwen models use, for chat-rendered prompts (the judge).
@@ -111,36 +109,28 @@ pub fn init(corpus: &Path, shape: &Shape, seed: i64, out: &Path, force: bool) ->
         serde_json::from_value(config_json.clone()).map_err(|e| InitError::Shape(e.to_string()))?;
     config.validate().map_err(|(field, reason)| InitError::Shape(format!("`{field}` {reason}")))?;
 
-    // Tokenizer and generation files go through a staging directory so that the
-    // checkpoint writer carries them into the atomically renamed model directory.
-    let staging = tempfile::tempdir().map_err(|e| io(Path::new("temp dir"), e))?;
-    let write = |name: &str, text: String| {
-        let path = staging.path().join(name);
-        std::fs::write(&path, text).map_err(|e| io(&path, e))
-    };
-    tok.save(staging.path().join(tokenizer::TOKENIZER_FILE), false)
-        .map_err(|e| io(&staging.path().join(tokenizer::TOKENIZER_FILE), e))?;
-    write(
-        "tokenizer_config.json",
-        json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-            "model_max_length": shape.max_position_embeddings,
-            "chat_template": CHAT_TEMPLATE,
-        })
-        .to_string(),
-    )?;
-    write(
-        "generation_config.json",
-        json!({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}).to_string(),
-    )?;
+    let tokenizer_config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "model_max_length": shape.max_position_embeddings,
+        "chat_template": CHAT_TEMPLATE,
+    });
+    let generation_config = json!({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad});
     tch::manual_seed(seed);
     let vs = VarStore::new(Device::Cpu);
     let _model = Qwen2::new(&vs.root(), &config);
-    checkpoint::save(&vs, &config_json, Some(staging.path()), out)?;
+    // Tokenizer and generation files are written into the model directory before it is
+    // renamed into place.
+    checkpoint::save_with(&vs, &config_json, None, out, |dir| {
+        let path = dir.join(tokenizer::TOKENIZER_FILE);
+        tok.save(&path, false).map_err(|e| checkpoint::io_error(&path, e))?;
+        for (name, value) in
+            [("tokenizer_config.json", &tokenizer_config), ("generation_config.json", &generation_config)]
+        {
+            let path = dir.join(name);
+            std::fs::write(&path, value.to_string()).map_err(|e| checkpoint::io_error(&path, e))?;
+        }
+        Ok(())
+    })?;
     Ok(config)
-}
-
-fn io(path: &Path, e: impl std::fmt::Display) -> InitError {
-    InitError::Io { path: path.display().to_string(), message: e.to_string() }
 }

@@ -94,30 +94,22 @@ pub fn save_adapter(
     out: &Path,
     extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| checkpoint::io_error(parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".partial-")
-        .tempdir_in(parent)
-        .map_err(|e| checkpoint::io_error(parent, e))?;
-    let mut named: Vec<(String, Tensor)> =
-        lora_vs.variables().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t)).collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let weights = tmp.path().join(ADAPTER_WEIGHTS);
-    Tensor::write_safetensors(&named, &weights).map_err(|e| checkpoint::io_error(&weights, e))?;
-    let peft = serde_json::json!({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.lora_alpha,
-        "target_modules": config.target_modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": false,
-        "base_model_name_or_path": base.display().to_string(),
-    });
-    let cfg_path = tmp.path().join(ADAPTER_CONFIG);
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&peft).expect("json"))
-        .map_err(|e| checkpoint::io_error(&cfg_path, e))?;
-    extra(tmp.path())?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| checkpoint::io_error(out, e))?;
-    }
-    std::fs::rename(tmp.keep(), out).map_err(|e| checkpoint::io_error(out, e))
+    checkpoint::write_dir_atomically(out, |tmp| {
+        let mut named: Vec<(String, Tensor)> =
+            lora_vs.variables().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t)).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let weights = tmp.join(ADAPTER_WEIGHTS);
+        Tensor::write_safetensors(&named, &weights).map_err(|e| checkpoint::io_error(&weights, e))?;
+        let peft = serde_json::json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.lora_alpha,
+            "target_modules": config.target_modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": false,
+            "base_model_name_or_path": base.display().to_string(),
+        });
+        let cfg_path = tmp.join(ADAPTER_CONFIG);
+        let text = serde_json::to_string_pretty(&peft).expect("json");
+        std::fs::write(&cfg_path, text).map_err(|e| checkpoint::io_error(&cfg_path, e))?;
+        extra(tmp)
+    })
 }
 
 /// Fills `lora_vs` from an adapter directory; names, shapes and completeness checked.

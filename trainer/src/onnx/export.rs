@@ -420,36 +420,29 @@ pub fn export(
     let mut proto = build(&vs.variables(), &config, dtype);
     let weight_bytes: usize =
         proto.graph.as_ref().map_or(0, |g| g.initializer.iter().map(|t| t.raw_data.len()).sum());
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| checkpoint::io_error(parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".partial-")
-        .tempdir_in(parent)
-        .map_err(|e| checkpoint::io_error(parent, e))?;
     let external = force_external || weight_bytes > INLINE_LIMIT;
-    if external {
-        let mut data = Vec::new();
-        externalise(&mut proto, &mut data);
-        let path = tmp.path().join(EXTERNAL_DATA_FILE);
-        std::fs::File::create(&path)
-            .and_then(|mut f| f.write_all(&data))
-            .map_err(|e| checkpoint::io_error(&path, e))?;
-    }
-    let path = tmp.path().join(MODEL_FILE);
-    std::fs::write(&path, proto.encode_to_vec()).map_err(|e| checkpoint::io_error(&path, e))?;
-    let mut missing = Vec::new();
-    for name in SERVED_FILES {
-        let from = model.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, tmp.path().join(name)).map_err(|e| checkpoint::io_error(&from, e))?;
-        } else {
-            missing.push(name);
+    let missing = checkpoint::write_dir_atomically(out, |tmp| {
+        if external {
+            let mut data = Vec::new();
+            externalise(&mut proto, &mut data);
+            let path = tmp.join(EXTERNAL_DATA_FILE);
+            std::fs::File::create(&path)
+                .and_then(|mut f| f.write_all(&data))
+                .map_err(|e| checkpoint::io_error(&path, e))?;
         }
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| checkpoint::io_error(out, e))?;
-    }
-    std::fs::rename(tmp.keep(), out).map_err(|e| checkpoint::io_error(out, e))?;
+        let path = tmp.join(MODEL_FILE);
+        std::fs::write(&path, proto.encode_to_vec()).map_err(|e| checkpoint::io_error(&path, e))?;
+        let mut missing = Vec::new();
+        for name in SERVED_FILES {
+            let from = model.join(name);
+            if from.is_file() {
+                std::fs::copy(&from, tmp.join(name)).map_err(|e| checkpoint::io_error(&from, e))?;
+            } else {
+                missing.push(name);
+            }
+        }
+        Ok(missing)
+    })?;
     Ok(ExportReport { weight_bytes, external, nodes: proto.graph.map_or(0, |g| g.node.len()), missing })
 }
 
