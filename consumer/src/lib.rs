@@ -4,10 +4,13 @@
 //! # Layout
 //! - [`onnx_runtime`]: finding and loading ONNX Runtime (config, `ORT_DYLIB_PATH`, next
 //!   to the binary).
+//! - [`store`]: the Redis store: pending windows, summaries, history, applied by Lua
+//!   scripts atomically and idempotently (DESIGN.md §3.3).
 //! - [`validate_cmd`]: `alignx-consumer validate`, the DLQ gate run over a file, so
 //!   producers can check their output before sending it.
 //!
 //! The stream pipeline (ingest → window → engine → store) is built on these.
 
 pub mod onnx_runtime;
+pub mod store;
 pub mod validate_cmd;

@@ -1,0 +1,87 @@
+//! The Redis store against a real Redis: pending windows are idempotent, updates apply
+//! once, stale and replayed updates change nothing, history is capped.
+
+use std::collections::BTreeMap;
+
+use alignx_consumer::store::{ApplyOutcome, HistoryEntry, Store, Update};
+use alignx_schemas::inference_log::LoggedSignal;
+use alignx_schemas::{Limits, validate_signal};
+use alignx_tests::services::start_redis;
+
+fn signal(user: &str, partition: i32, offset: i64) -> LoggedSignal {
+    let json = format!(
+        r#"{{"schema":"alignx.signal.v1","user_id":{user:?},"signal_id":"s{offset}","ts":"2026-11-27T09:00:00Z","kind":"text","text":"t{offset}"}}"#
+    );
+    let signal = validate_signal(json.as_bytes(), Some(user.as_bytes()), &Limits::default()).unwrap();
+    LoggedSignal { partition, offset, signal }
+}
+
+fn update(user: &str, expected: u64, summary: &str, consumed: &[(i32, i64)], n: u64) -> Update {
+    Update {
+        user_id: user.into(),
+        expected_version: expected,
+        summary: summary.into(),
+        model: "m1".into(),
+        reasoning: None,
+        consumed: consumed.iter().copied().collect::<BTreeMap<_, _>>(),
+        signals: n,
+        now_ms: 1_000 + expected,
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn updates_apply_once_and_replays_change_nothing() {
+    let redis = start_redis().unwrap();
+    let client = redis::Client::open(format!("redis://{}/", redis.addr())).unwrap();
+    let store = Store::new(client.get_multiplexed_async_connection().await.unwrap(), 3);
+    // A user id that tries to break the key's hash tag.
+    let user = "a}b{c:1";
+
+    let window: Vec<LoggedSignal> =
+        [(0, 10), (0, 11), (1, 5)].iter().map(|&(p, o)| signal(user, p, o)).collect();
+    assert_eq!(store.persist_pending(user, &window).await.unwrap(), 3);
+    assert_eq!(store.persist_pending(user, &window).await.unwrap(), 0, "a re-delivery adds nothing");
+    assert_eq!(store.pending(user).await.unwrap(), window);
+
+    // Apply the first two (partition 0 up to 11); partition 1's signal stays pending.
+    let first = update(user, 0, "likes brevity", &[(0, 11)], 2);
+    assert_eq!(store.apply(&first).await.unwrap(), ApplyOutcome::Applied { version: 1 });
+    assert_eq!(store.pending(user).await.unwrap(), vec![window[2].clone()]);
+    let rec = store.summary(user).await.unwrap().unwrap();
+    assert_eq!((rec.version, rec.summary.as_str(), rec.signals_applied), (1, "likes brevity", 2));
+    assert_eq!(rec.applied, BTreeMap::from([(0, 11)]));
+
+    // The same update again (a replay after a crash) and a stale one: no change.
+    assert_eq!(
+        store.apply(&update(user, 1, "x", &[(0, 11)], 2)).await.unwrap(),
+        ApplyOutcome::Replayed { current: 1 }
+    );
+    assert_eq!(
+        store.apply(&update(user, 0, "y", &[(1, 5)], 1)).await.unwrap(),
+        ApplyOutcome::Stale { current: 1 }
+    );
+    assert_eq!(store.summary(user).await.unwrap().unwrap(), rec);
+    // Signals at or below the applied offset are not pending again after a re-delivery.
+    assert_eq!(store.persist_pending(user, &window[..2]).await.unwrap(), 0);
+
+    // More versions: history keeps the newest 3 past summaries.
+    let mut expected = 1;
+    for (i, offset) in (12..17).enumerate() {
+        store.persist_pending(user, &[signal(user, 0, offset)]).await.unwrap();
+        let out =
+            store.apply(&update(user, expected, &format!("v{}", i + 2), &[(0, offset)], 1)).await.unwrap();
+        expected += 1;
+        assert_eq!(out, ApplyOutcome::Applied { version: expected });
+    }
+    let history = store.history(user).await.unwrap();
+    let want: Vec<HistoryEntry> = [(5, "v5"), (4, "v4"), (3, "v3")]
+        .iter()
+        .map(|&(v, s)| HistoryEntry { version: v, summary: s.into() })
+        .collect();
+    assert_eq!(history, want);
+    let rec = store.summary(user).await.unwrap().unwrap();
+    assert_eq!((rec.version, rec.signals_applied), (6, 7));
+    assert_eq!(rec.applied, BTreeMap::from([(0, 16)]));
+    // Partition 1's signal is still waiting.
+    assert_eq!(store.pending(user).await.unwrap(), vec![window[2].clone()]);
+}
