@@ -65,13 +65,13 @@ async fn updates_apply_once_and_replays_change_nothing() {
     assert_eq!(store.persist_pending(user, &window[..2]).await.unwrap(), 0);
 
     // More versions: history keeps the newest 3 past summaries.
-    let mut expected = 1;
-    for (i, offset) in (12..17).enumerate() {
+    for (expected, offset) in (1u64..).zip(12..17) {
         store.persist_pending(user, &[signal(user, 0, offset)]).await.unwrap();
-        let out =
-            store.apply(&update(user, expected, &format!("v{}", i + 2), &[(0, offset)], 1)).await.unwrap();
-        expected += 1;
-        assert_eq!(out, ApplyOutcome::Applied { version: expected });
+        let out = store
+            .apply(&update(user, expected, &format!("v{}", expected + 1), &[(0, offset)], 1))
+            .await
+            .unwrap();
+        assert_eq!(out, ApplyOutcome::Applied { version: expected + 1 });
     }
     let history = store.history(user).await.unwrap();
     let want: Vec<HistoryEntry> = [(5, "v5"), (4, "v4"), (3, "v3")]
