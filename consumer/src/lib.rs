@@ -2,6 +2,8 @@
 //! per-user preference summaries in Redis (DESIGN.md §3).
 //!
 //! # Layout
+//! - [`engine`]: the `Engine` trait between pipeline and model, and the deterministic
+//!   `CountingEngine` for pipeline tests and benchmarks.
 //! - [`onnx_runtime`]: finding and loading ONNX Runtime (config, `ORT_DYLIB_PATH`, next
 //!   to the binary).
 //! - [`store`]: the Redis store: pending windows, summaries, history, applied by Lua
@@ -11,6 +13,7 @@
 //!
 //! The stream pipeline (ingest → window → engine → store) is built on these.
 
+pub mod engine;
 pub mod onnx_runtime;
 pub mod store;
 pub mod validate_cmd;

@@ -1,0 +1,139 @@
+//! The narrow interface between the pipeline and model execution: a batch of update
+//! requests in, one generation per request out. The pipeline never calls a model
+//! directly; it holds an `Arc<dyn Engine>`.
+//!
+//! [`CountingEngine`] is the deterministic engine for pipeline tests and benchmarks: it
+//! "summarises" by counting signal kinds, continuing from the previous summary, in the
+//! protocol's output format, so everything downstream of generation runs for real.
+
+use alignx_schemas::{Signal, SignalKind};
+
+/// One user's update, ready for the model.
+#[derive(Debug, Clone)]
+pub struct UpdateRequest {
+    pub user_id: String,
+    /// The full prompt (DESIGN.md §5), rendered by the pipeline.
+    pub prompt: String,
+    /// The summary the update starts from.
+    pub previous_summary: Option<String>,
+    /// The window of signals the prompt shows.
+    pub signals: Vec<Signal>,
+    /// Seed of this request's sampling (reproducible generations).
+    pub seed: u64,
+}
+
+/// What the model wrote for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// The continuation after the prompt (parsed later for `<answer>`).
+    pub text: String,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine failed: {0}")]
+    Failed(String),
+}
+
+/// Runs a model over batches of update requests.
+pub trait Engine: Send + Sync {
+    /// The model version id recorded with every summary it writes.
+    fn model_id(&self) -> &str;
+    /// One generation per request, in request order. Blocking: call it off the async
+    /// runtime's worker threads.
+    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError>;
+}
+
+/// Counts signal kinds: the summary is `pair=P ugc=U text=T`, carried over from the
+/// previous summary when it has that form.
+#[derive(Debug, Default, Clone)]
+pub struct CountingEngine;
+
+impl CountingEngine {
+    fn counts(previous: Option<&str>) -> [u64; 3] {
+        let mut counts = [0u64; 3];
+        for part in previous.unwrap_or("").split_whitespace() {
+            if let Some((name, n)) = part.split_once('=')
+                && let Some(i) = SignalKind::ALL.iter().position(|k| k.as_str() == name)
+            {
+                counts[i] = n.parse().unwrap_or(0);
+            }
+        }
+        counts
+    }
+}
+
+impl Engine for CountingEngine {
+    fn model_id(&self) -> &str {
+        "counting"
+    }
+
+    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError> {
+        Ok(batch
+            .iter()
+            .map(|r| {
+                let mut counts = Self::counts(r.previous_summary.as_deref());
+                for s in &r.signals {
+                    let i =
+                        SignalKind::ALL.iter().position(|k| *k == s.kind()).expect("every kind is listed");
+                    counts[i] += 1;
+                }
+                let summary: Vec<String> =
+                    SignalKind::ALL.iter().zip(counts).map(|(k, n)| format!("{}={n}", k.as_str())).collect();
+                let text = format!(
+                    " Counted {} new signals. </think> <answer>{}</answer>",
+                    r.signals.len(),
+                    summary.join(" ")
+                );
+                Generation {
+                    prompt_tokens: r.prompt.split_whitespace().count() as u64,
+                    generated_tokens: text.split_whitespace().count() as u64,
+                    text,
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alignx_schemas::answer::parse_answer;
+    use alignx_schemas::{Limits, validate_signal};
+
+    use super::*;
+
+    fn signal(kind: &str) -> Signal {
+        let body = match kind {
+            "pair" => r#""post":"p","chosen":"c","rejected":"r""#,
+            "ugc" => r#""post":"p","comment":"c""#,
+            _ => r#""text":"t""#,
+        };
+        let json = format!(
+            r#"{{"schema":"alignx.signal.v1","user_id":"u","signal_id":"s","ts":"2026-01-01T00:00:00Z","kind":"{kind}",{body}}}"#
+        );
+        validate_signal(json.as_bytes(), Some(b"u"), &Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn counts_continue_from_the_previous_summary_and_parse_as_answers() {
+        let request = |previous: Option<&str>, kinds: &[&str]| UpdateRequest {
+            user_id: "u".into(),
+            prompt: "a prompt".into(),
+            previous_summary: previous.map(str::to_owned),
+            signals: kinds.iter().map(|k| signal(k)).collect(),
+            seed: 0,
+        };
+        let out = CountingEngine
+            .generate(&[
+                request(None, &["pair", "text", "pair"]),
+                request(Some("pair=2 ugc=5 text=0"), &["ugc"]),
+            ])
+            .unwrap();
+        let summaries: Vec<String> =
+            out.iter().map(|g| parse_answer(&g.text, 2048).unwrap().summary).collect();
+        assert_eq!(summaries, ["pair=2 ugc=0 text=1", "pair=2 ugc=6 text=0"]);
+        assert_eq!(out[0].prompt_tokens, 2);
+    }
+}
