@@ -135,3 +135,41 @@ pub fn start_tansu() -> anyhow::Result<Service> {
     .collect();
     spawn("tansu", &program, &args, port, tempfile::tempdir()?)
 }
+
+/// Prometheus scraping `target` (host:port) every second, with its own storage.
+pub fn start_prometheus(target: SocketAddr) -> anyhow::Result<Service> {
+    let port = free_port()?;
+    let dir = tempfile::tempdir()?;
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: alignx\n    static_configs:\n      - targets: ['{target}']\n"
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config)?;
+    let args: Vec<String> = vec![
+        "--config.file=prometheus.yml".into(),
+        format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+        format!("--web.listen-address=127.0.0.1:{port}"),
+    ];
+    let service = spawn("prometheus", Path::new("prometheus"), &args, port, dir)?;
+    // It listens before its storage is open; queries work once /-/ready says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(service.addr(), "/-/ready").map(|(status, _)| status).ok() != Some(200) {
+        if Instant::now() > deadline {
+            bail!("prometheus not ready after 30s:\n{}", service.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(service)
+}
+
+/// `GET path` over plain HTTP/1.1; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok((status, body.to_owned()))
+}
