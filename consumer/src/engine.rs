@@ -41,6 +41,12 @@ pub enum EngineError {
 pub trait Engine: Send + Sync {
     /// The model version id recorded with every summary it writes.
     fn model_id(&self) -> &str;
+    /// The tokenizer's BOS token text that starts every prompt ("" when it has none).
+    fn bos(&self) -> &str {
+        ""
+    }
+    /// Where it runs, for `alignx_model_info{provider}` (e.g. `cpu`, `cuda`).
+    fn provider(&self) -> &str;
     /// One generation per request, in request order. Blocking: call it off the async
     /// runtime's worker threads.
     fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError>;
@@ -68,6 +74,10 @@ impl CountingEngine {
 impl Engine for CountingEngine {
     fn model_id(&self) -> &str {
         "counting"
+    }
+
+    fn provider(&self) -> &str {
+        "none"
     }
 
     fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError> {

@@ -2,6 +2,16 @@
 //! per-user preference summaries in Redis (DESIGN.md §3).
 //!
 //! # Layout
+//! - [`config`]: `run`'s configuration: TOML file, environment, flags.
+//! - [`ingest`]: the Kafka consumer's settings and rebalance hooks; messages → signals or
+//!   dead letters.
+//! - [`pipeline`]: the loop that owns the state: windows, offsets, dispatch, checkpoints,
+//!   rebalances, shutdown.
+//! - [`window`]: per-user windows, flush timers and the ready queue (no I/O).
+//! - [`offsets`]: per-partition low-water marks of handled messages.
+//! - [`update`]: one batch of updates: prompt → engine → answer → store → log.
+//! - [`sink`]: the Kafka producer for dead letters, inference-log records and summaries.
+//! - [`redis_conn`]: one reconnecting Redis connection type, single node or cluster.
 //! - [`engine`]: the `Engine` trait between pipeline and model, and the deterministic
 //!   `CountingEngine` for pipeline tests and benchmarks.
 //! - [`metrics`]: the Prometheus metrics of DESIGN.md §3.6 and the `/metrics`,
@@ -12,11 +22,17 @@
 //!   scripts atomically and idempotently (DESIGN.md §3.3).
 //! - [`validate_cmd`]: `alignx-consumer validate`, the DLQ gate run over a file, so
 //!   producers can check their output before sending it.
-//!
-//! The stream pipeline (ingest → window → engine → store) is built on these.
 
+pub mod config;
 pub mod engine;
+pub mod ingest;
 pub mod metrics;
+pub mod offsets;
 pub mod onnx_runtime;
+pub mod pipeline;
+pub mod redis_conn;
+pub mod sink;
 pub mod store;
+pub mod update;
 pub mod validate_cmd;
+pub mod window;

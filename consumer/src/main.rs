@@ -5,6 +5,12 @@ use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use alignx_consumer::config::{EngineKind, RunArgs, RunConfig};
+use alignx_consumer::engine::{CountingEngine, Engine};
+use alignx_consumer::pipeline::{self, Exit};
 use alignx_consumer::{onnx_runtime, validate_cmd};
 use alignx_schemas::Limits;
 use anyhow::Context;
@@ -21,6 +27,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Consume signals and keep every user's summary current (runs until SIGTERM/SIGINT,
+    /// then drains, commits and exits 0; exit 3 when the invalid-message breaker trips).
+    Run(Box<RunArgs>),
     /// Check that ONNX Runtime loads, and say from where.
     Doctor {
         /// ONNX Runtime library file (default: $ORT_DYLIB_PATH, then next to this binary).
@@ -74,6 +83,27 @@ fn validate(input: PathBuf, limits: Limits) -> anyhow::Result<ExitCode> {
     Ok(if report.rejected_total() == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = RunConfig::load(args)?;
+    let engine: Arc<dyn Engine> = match cfg.engine.kind {
+        EngineKind::Counting => {
+            tracing::warn!("engine `counting`: summaries count signal kinds; no model runs");
+            Arc::new(CountingEngine)
+        }
+        EngineKind::Onnx => anyhow::bail!(
+            "the ONNX Runtime engine is not in this build yet; `--engine counting` runs the \
+             pipeline with the deterministic counting engine"
+        ),
+    };
+    match pipeline::run(cfg, engine, Arc::new(AtomicBool::new(false)))? {
+        Exit::Shutdown => Ok(ExitCode::SUCCESS),
+        Exit::InvalidRatio(reason) => {
+            tracing::error!("invalid-message circuit breaker: {reason}");
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("ALIGNX_LOG"))
@@ -81,6 +111,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run(*args),
         Command::Doctor { ort_library } => doctor(ort_library),
         Command::Validate { input, max_id_bytes, max_text_bytes, max_message_bytes } => {
             validate(input, Limits { max_id_bytes, max_text_bytes, max_message_bytes })

@@ -133,6 +133,7 @@ impl Metrics {
     fn preregister(&self) {
         for kind in SignalKind::ALL {
             self.signals.with_label_values(&[kind.as_str(), "accepted"]);
+            self.signals.with_label_values(&[kind.as_str(), "duplicate"]);
         }
         self.signals.with_label_values(&["invalid", "rejected"]);
         for code in ProblemCode::ALL {

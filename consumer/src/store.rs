@@ -9,6 +9,19 @@
 //!   consumed signals from `pending`, advances `applied`, and pushes the previous summary
 //!   onto the capped history.
 //!
+//! - [`Store::skip`] consumes signals without changing the summary, for a window whose
+//!   generations kept failing: its offsets count as applied so a replay skips them too.
+//! - The apply script also stores the update's inference-log record in the `outbox` field
+//!   of the summary hash: written atomically with the summary, so a crash between the
+//!   write and the log's delivery cannot lose it (the next owner of the user re-sends it).
+//!
+//! Which users have pending signals is indexed per input partition (a sorted set scored by
+//! when the first signal was persisted), so a consumer that takes over a partition finds
+//! their windows without scanning the keyspace. The index is a separate key (another hash
+//! slot), kept by separate commands: added to before the pending list is written, removed
+//! from only after the list is seen empty, so it may list a user with nothing pending but
+//! never misses one that has.
+//!
 //! All keys of a user share the hash tag `{user_id}` (see `alignx_schemas::keys`), so the
 //! scripts also run on Redis Cluster. Offsets travel through Lua's cjson, which keeps 14
 //! significant digits: offsets below 10^14 per partition are exact.
@@ -17,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use alignx_schemas::inference_log::LoggedSignal;
 use alignx_schemas::keys::UserKeys;
-use alignx_schemas::summary::SummaryRecord;
+use alignx_schemas::summary::{SummaryRecord, field};
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
 
@@ -50,17 +63,33 @@ pub struct Update {
     /// How many signals the update folded in.
     pub signals: u64,
     pub now_ms: u64,
+    /// The update's inference-log record (JSON), kept in the `outbox` field until it is
+    /// delivered; empty for none.
+    pub outbox: String,
 }
 
 /// What [`Store::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApplyOutcome {
-    /// The new summary is stored as `version`.
-    Applied { version: u64 },
+    /// The new summary is stored as `version`; the user's signals applied so far.
+    Applied { version: u64, signals_applied: u64 },
     /// Another update got there first; the stored version is `current`.
     Stale { current: u64 },
     /// Its signals were already applied (a replay after a crash); nothing changed.
     Replayed { current: u64 },
+    /// [`Store::skip`]: the signals were consumed, the summary stays at `version`.
+    Skipped { version: u64 },
+}
+
+/// Everything the consumer needs to know about a user it starts serving.
+#[derive(Debug, Clone, Default)]
+pub struct UserRecord {
+    /// The current summary; `None` before the first update.
+    pub summary: Option<SummaryRecord>,
+    /// Input partition → last consumed offset (applied or skipped).
+    pub applied: BTreeMap<i32, i64>,
+    /// An inference-log record written with the last update whose delivery is unconfirmed.
+    pub outbox: Option<String>,
 }
 
 const PERSIST: &str = r#"
@@ -94,17 +123,24 @@ local raw = redis.call('HGET', KEYS[1], 'applied')
 if raw then applied = cjson.decode(raw) end
 local consumed = cjson.decode(ARGV[8])
 for p, o in pairs(consumed) do
-  if applied[p] ~= nil and o <= applied[p] then return {-1, cur} end
+  if applied[p] ~= nil and o <= applied[p] then return {3, cur} end
 end
-local keep = {}
-for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  local d = cjson.decode(e)
-  local c = consumed[string.format('%d', d.partition)]
-  if c == nil or d.offset > c then table.insert(keep, e) end
+if redis.call('LLEN', KEYS[2]) > 0 then
+  local keep = {}
+  for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    local d = cjson.decode(e)
+    local c = consumed[string.format('%d', d.partition)]
+    if c == nil or d.offset > c then table.insert(keep, e) end
+  end
+  redis.call('DEL', KEYS[2])
+  for _, e in ipairs(keep) do redis.call('RPUSH', KEYS[2], e) end
 end
-redis.call('DEL', KEYS[2])
-for _, e in ipairs(keep) do redis.call('RPUSH', KEYS[2], e) end
 for p, o in pairs(consumed) do applied[p] = o end
+if ARGV[10] == 'skip' then
+  redis.call('HSET', KEYS[1], 'applied', cjson.encode(applied))
+  redis.call('HINCRBY', KEYS[1], 'signals_failed', ARGV[5])
+  return {2, cur}
+end
 local old = redis.call('HGET', KEYS[1], 'summary')
 if old then
   redis.call('LPUSH', KEYS[3], cjson.encode({version = cur, summary = old}))
@@ -114,17 +150,28 @@ local n = tonumber(redis.call('HGET', KEYS[1], 'signals_applied') or '0') + tonu
 redis.call('HSET', KEYS[1], 'summary', ARGV[2], 'version', cur + 1, 'model', ARGV[3],
   'updated_at_ms', ARGV[4], 'signals_applied', n, 'applied', cjson.encode(applied))
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'reasoning', ARGV[7]) else redis.call('HDEL', KEYS[1], 'reasoning') end
-return {1, cur + 1}
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'outbox', ARGV[9]) else redis.call('HDEL', KEYS[1], 'outbox') end
+return {1, cur + 1, n}
 "#;
 
 /// Summaries, pending windows and history in Redis, over any connection (single node or
 /// cluster).
+#[derive(Clone)]
 pub struct Store<C> {
     conn: C,
     persist: redis::Script,
     apply: redis::Script,
+    clear_outbox: redis::Script,
     history_len: usize,
 }
+
+/// The summary hash field holding the last update's unconfirmed inference-log record.
+const OUTBOX: &str = "outbox";
+
+const CLEAR_OUTBOX: &str = r#"
+if redis.call('HGET', KEYS[1], 'version') == ARGV[1] then return redis.call('HDEL', KEYS[1], 'outbox') end
+return 0
+"#;
 
 impl<C: ConnectionLike + Send + Clone> Store<C> {
     pub fn new(conn: C, history_len: usize) -> Self {
@@ -132,6 +179,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             conn,
             persist: redis::Script::new(PERSIST),
             apply: redis::Script::new(APPLY),
+            clear_outbox: redis::Script::new(CLEAR_OUTBOX),
             history_len: history_len.max(1),
         }
     }
@@ -158,9 +206,19 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
 
     /// Applies an update atomically (see the module docs).
     pub async fn apply(&self, u: &Update) -> Result<ApplyOutcome, StoreError> {
+        self.run_apply(u, "apply").await
+    }
+
+    /// Consumes the signals of `u.consumed` (and counts `u.signals` as failed) without
+    /// changing the summary, with the same version and replay checks as [`Self::apply`].
+    pub async fn skip(&self, u: &Update) -> Result<ApplyOutcome, StoreError> {
+        self.run_apply(u, "skip").await
+    }
+
+    async fn run_apply(&self, u: &Update, mode: &str) -> Result<ApplyOutcome, StoreError> {
         let keys = UserKeys::new(&u.user_id);
         let consumed: BTreeMap<String, i64> = u.consumed.iter().map(|(p, o)| (p.to_string(), *o)).collect();
-        let (code, version): (i64, u64) = self
+        let reply: Vec<u64> = self
             .apply
             .key(&keys.summary)
             .key(&keys.pending)
@@ -173,26 +231,88 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             .arg(self.history_len)
             .arg(u.reasoning.as_deref().unwrap_or(""))
             .arg(serde_json::to_string(&consumed).expect("a map of integers serialises"))
+            .arg(&u.outbox)
+            .arg(mode)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(match code {
-            1 => ApplyOutcome::Applied { version },
-            0 => ApplyOutcome::Stale { current: version },
-            _ => ApplyOutcome::Replayed { current: version },
+        Ok(match reply.as_slice() {
+            [1, version, n] => ApplyOutcome::Applied { version: *version, signals_applied: *n },
+            [2, version] => ApplyOutcome::Skipped { version: *version },
+            [0, current] => ApplyOutcome::Stale { current: *current },
+            [_, current] => ApplyOutcome::Replayed { current: *current },
+            other => {
+                return Err(StoreError::Corrupt {
+                    user: u.user_id.clone(),
+                    message: format!("unexpected reply from the apply script: {other:?}"),
+                });
+            }
         })
+    }
+
+    /// The user's summary, consumed offsets and unconfirmed outbox, in one read.
+    pub async fn load_user(&self, user_id: &str) -> Result<UserRecord, StoreError> {
+        let keys = UserKeys::new(user_id);
+        let fields: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&keys.summary).query_async(&mut self.conn.clone()).await?;
+        let corrupt = |message: String| StoreError::Corrupt { user: user_id.to_owned(), message };
+        let applied = match fields.get(field::APPLIED) {
+            Some(raw) => serde_json::from_str(raw).map_err(|e| corrupt(format!("applied: {e}")))?,
+            None => BTreeMap::new(),
+        };
+        let summary = if fields.contains_key(field::VERSION) {
+            Some(SummaryRecord::from_hash_fields(user_id, &fields).map_err(|e| corrupt(e.to_string()))?)
+        } else {
+            None
+        };
+        Ok(UserRecord { summary, applied, outbox: fields.get(OUTBOX).cloned() })
+    }
+
+    /// Forgets the outbox record of `version` once its delivery is confirmed — unless a
+    /// later update (with its own record) already replaced it.
+    pub async fn clear_outbox(&self, user_id: &str, version: u64) -> Result<(), StoreError> {
+        let keys = UserKeys::new(user_id);
+        let _: i64 =
+            self.clear_outbox.key(&keys.summary).arg(version).invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Adds users to a partition's pending index (scored by `now_ms`, kept if present).
+    pub async fn index_add(&self, index: &str, users: &[&str], now_ms: u64) -> Result<(), StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(index).arg("NX");
+        for u in users {
+            cmd.arg(now_ms).arg(*u);
+        }
+        let _: i64 = cmd.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Removes users from a partition's pending index.
+    pub async fn index_remove(&self, index: &str, users: &[&str]) -> Result<(), StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = redis::cmd("ZREM").arg(index).arg(users).query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// The users of a partition's pending index with the time (Unix ms) they were added.
+    pub async fn index_members(&self, index: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(redis::cmd("ZRANGE")
+            .arg(index)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut self.conn.clone())
+            .await?)
     }
 
     /// The user's current summary, if any.
     pub async fn summary(&self, user_id: &str) -> Result<Option<SummaryRecord>, StoreError> {
-        let keys = UserKeys::new(user_id);
-        let fields: HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&keys.summary).query_async(&mut self.conn.clone()).await?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        SummaryRecord::from_hash_fields(user_id, &fields)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt { user: user_id.to_owned(), message: e.to_string() })
+        Ok(self.load_user(user_id).await?.summary)
     }
 
     /// The user's pending signals, in arrival order.

@@ -41,6 +41,14 @@ impl UserKeys {
     }
 }
 
+/// Sorted set of the users with signals pending from one input partition, scored by when
+/// their first pending signal was persisted (Unix ms). A consumer that is assigned the
+/// partition reads it to resume those windows. Kafka topic names cannot contain braces,
+/// so the tag is always the whole `topic/partition`.
+pub fn pending_index(topic: &str, partition: i32) -> String {
+    format!("alignx:pending-users:{{{topic}/{partition}}}")
+}
+
 /// The user id as it appears between the braces of a key. Redis Cluster hashes the text
 /// between the first `{` and the next `}`, so a `}` in an id would cut the tag short;
 /// `{`, `}` and `%` are percent-encoded so the tag is always the whole id and distinct
@@ -68,6 +76,11 @@ mod tests {
         assert_eq!(k.summary, "alignx:{alice}:summary");
         assert_eq!(k.pending, "alignx:{alice}:pending");
         assert_eq!(k.history, "alignx:{alice}:history");
+    }
+
+    #[test]
+    fn pending_index_is_tagged_by_partition() {
+        assert_eq!(pending_index("alignx.signals", 3), "alignx:pending-users:{alignx.signals/3}");
     }
 
     #[test]

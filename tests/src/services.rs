@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 /// A running service. Dropping it kills the process and removes its directory.
 pub struct Service {
     name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
@@ -40,6 +42,31 @@ impl Service {
         dir.join("service.log")
     }
 
+    /// Stops the process (SIGTERM and wait when `graceful`, else SIGKILL) and starts it
+    /// again with the same arguments, port and directory.
+    pub fn restart(&mut self, graceful: bool) -> anyhow::Result<()> {
+        self.stop(graceful);
+        self.child = launch(self.name, &self.program, &self.args, self.dir.path())?;
+        wait_until_listening(self, Duration::from_secs(20))
+    }
+
+    /// Stops the process; [`Self::start_again`] brings it back.
+    pub fn stop(&mut self, graceful: bool) {
+        if graceful {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        } else {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Starts a stopped service again with the same arguments, port and directory.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.child = launch(self.name, &self.program, &self.args, self.dir.path())?;
+        wait_until_listening(self, Duration::from_secs(20))
+    }
+
     /// The service's combined output so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(Self::log_path(self.dir())).unwrap_or_default()
@@ -60,6 +87,18 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+fn launch(name: &str, program: &Path, args: &[String], dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(Service::log_path(dir))?;
+    Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("start {name} ({}); did scripts/setup run?", program.display()))
+}
+
 fn spawn(
     name: &'static str,
     program: &Path,
@@ -67,16 +106,9 @@ fn spawn(
     port: u16,
     dir: tempfile::TempDir,
 ) -> anyhow::Result<Service> {
-    let log = std::fs::File::create(Service::log_path(dir.path()))?;
-    let child = Command::new(program)
-        .args(args)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("start {name} ({}); did scripts/setup run?", program.display()))?;
-    let mut service = Service { name, child, port, dir };
+    let child = launch(name, program, args, dir.path())?;
+    let mut service =
+        Service { name, program: program.to_owned(), args: args.to_vec(), child, port, dir };
     wait_until_listening(&mut service, Duration::from_secs(20))?;
     Ok(service)
 }
@@ -111,6 +143,29 @@ pub fn start_redis() -> anyhow::Result<Service> {
             .iter()
             .map(|s| s.to_string())
             .collect();
+    spawn("redis-server", Path::new("redis-server"), &args, port, dir)
+}
+
+/// Redis that keeps its data across restarts: an append-only file synced on every write,
+/// in the service's directory.
+pub fn start_redis_persistent() -> anyhow::Result<Service> {
+    let port = free_port()?;
+    let dir = tempfile::tempdir()?;
+    let args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     spawn("redis-server", Path::new("redis-server"), &args, port, dir)
 }
 

@@ -26,6 +26,7 @@ fn update(user: &str, expected: u64, summary: &str, consumed: &[(i32, i64)], n: 
         consumed: consumed.iter().copied().collect::<BTreeMap<_, _>>(),
         signals: n,
         now_ms: 1_000 + expected,
+        outbox: String::new(),
     }
 }
 
@@ -45,7 +46,7 @@ async fn updates_apply_once_and_replays_change_nothing() {
 
     // Apply the first two (partition 0 up to 11); partition 1's signal stays pending.
     let first = update(user, 0, "likes brevity", &[(0, 11)], 2);
-    assert_eq!(store.apply(&first).await.unwrap(), ApplyOutcome::Applied { version: 1 });
+    assert_eq!(store.apply(&first).await.unwrap(), ApplyOutcome::Applied { version: 1, signals_applied: 2 });
     assert_eq!(store.pending(user).await.unwrap(), vec![window[2].clone()]);
     let rec = store.summary(user).await.unwrap().unwrap();
     assert_eq!((rec.version, rec.summary.as_str(), rec.signals_applied), (1, "likes brevity", 2));
@@ -71,7 +72,7 @@ async fn updates_apply_once_and_replays_change_nothing() {
             .apply(&update(user, expected, &format!("v{}", expected + 1), &[(0, offset)], 1))
             .await
             .unwrap();
-        assert_eq!(out, ApplyOutcome::Applied { version: expected + 1 });
+        assert_eq!(out, ApplyOutcome::Applied { version: expected + 1, signals_applied: expected + 2 });
     }
     let history = store.history(user).await.unwrap();
     let want: Vec<HistoryEntry> = [(5, "v5"), (4, "v4"), (3, "v3")]
