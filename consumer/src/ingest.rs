@@ -49,7 +49,9 @@ pub fn incoming(m: &BorrowedMessage<'_>, limits: &Limits) -> Incoming {
             let headers = m
                 .headers()
                 .map(|h| {
-                    h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
+                    h.iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                        .collect()
                 })
                 .unwrap_or_default();
             Incoming::Invalid(Rejected {
@@ -70,11 +72,9 @@ pub fn incoming(m: &BorrowedMessage<'_>, limits: &Limits) -> Incoming {
 /// except the two offset settings the pipeline's guarantees depend on.
 pub fn consumer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = client_config(cfg);
-    for (k, v) in [
-        ("auto.offset.reset", "earliest"),
-        ("statistics.interval.ms", "5000"),
-        ("fetch.wait.max.ms", "100"),
-    ] {
+    for (k, v) in
+        [("auto.offset.reset", "earliest"), ("statistics.interval.ms", "5000"), ("fetch.wait.max.ms", "100")]
+    {
         if !cfg.settings.contains_key(k) {
             c.set(k, v);
         }
@@ -111,7 +111,10 @@ impl ClientContext for IngestContext {
         let Some(topic) = stats.topics.get(&self.topic) else { return };
         for (p, s) in &topic.partitions {
             if *p >= 0 && s.consumer_lag >= 0 {
-                self.metrics.consumer_lag.with_label_values(&[self.topic.as_str(), &p.to_string()]).set(s.consumer_lag);
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[self.topic.as_str(), &p.to_string()])
+                    .set(s.consumer_lag);
             }
         }
     }

@@ -82,7 +82,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(cfg: Arc<RunConfig>, rt: tokio::runtime::Handle, updater: Arc<Updater>, readiness: Readiness) -> Self {
+    fn new(
+        cfg: Arc<RunConfig>,
+        rt: tokio::runtime::Handle,
+        updater: Arc<Updater>,
+        readiness: Readiness,
+    ) -> Self {
         let (tx, rx) = mpsc::channel();
         Self {
             windows: Windows::new(cfg.window.max_signals, cfg.window.max_wait),
@@ -196,7 +201,12 @@ impl Pipeline {
 
     fn dead_letter(&mut self, r: Rejected) {
         self.metrics().signals.with_label_values(&["invalid", "rejected"]).inc();
-        tracing::debug!(partition = r.partition, offset = r.offset, reason = r.code.as_str(), "dead-lettering");
+        tracing::debug!(
+            partition = r.partition,
+            offset = r.offset,
+            reason = r.code.as_str(),
+            "dead-lettering"
+        );
         let (sink, tx) = (self.updater.sink.clone(), self.tx.clone());
         self.dlq_in_flight += 1;
         self.rt.spawn(async move {
@@ -351,7 +361,9 @@ impl Pipeline {
         match consumer.commit(&tpl, mode) {
             Ok(()) => {
                 for e in tpl.elements() {
-                    if let (Some(state), Offset::Offset(o)) = (self.partitions.get_mut(&e.partition()), e.offset()) {
+                    if let (Some(state), Offset::Offset(o)) =
+                        (self.partitions.get_mut(&e.partition()), e.offset())
+                    {
                         state.offsets.committed(o);
                     }
                 }
@@ -430,7 +442,8 @@ impl Pipeline {
         for &p in &new {
             self.partitions.insert(p, PartitionState::default());
             let index = pending_index(&topic, p);
-            let Some(members) = self.redis_blocking("read pending index", || store.index_members(&index)) else {
+            let Some(members) = self.redis_blocking("read pending index", || store.index_members(&index))
+            else {
                 continue;
             };
             let members: Vec<(String, u64)> =
@@ -438,7 +451,12 @@ impl Pipeline {
             let loaded = self.redis_blocking("load pending windows", || {
                 futures::future::try_join_all(members.iter().map(|(u, _)| {
                     let store = &store;
-                    async move { Ok::<_, crate::store::StoreError>((store.load_user(u).await?, store.pending(u).await?)) }
+                    async move {
+                        Ok::<_, crate::store::StoreError>((
+                            store.load_user(u).await?,
+                            store.pending(u).await?,
+                        ))
+                    }
                 }))
             });
             let Some(loaded): Option<Vec<(crate::store::UserRecord, Vec<LoggedSignal>)>> = loaded else {
@@ -446,7 +464,8 @@ impl Pipeline {
             };
             for ((user, since_ms), (rec, pending)) in members.into_iter().zip(loaded) {
                 let id = self.windows.insert(&user, known(&rec), p);
-                let since = now.checked_sub(Duration::from_millis(now_ms.saturating_sub(since_ms))).unwrap_or(now);
+                let since =
+                    now.checked_sub(Duration::from_millis(now_ms.saturating_sub(since_ms))).unwrap_or(now);
                 resumed += pending.len();
                 self.windows.restore(&id, pending, since, now);
                 if rec.outbox.is_some() {
@@ -589,7 +608,8 @@ async fn connect_redis(cfg: &RunConfig, metrics: &Metrics, stop: &AtomicBool) ->
 
 async fn watch_signals(stop: Arc<AtomicBool>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -106,7 +106,13 @@ impl Sink {
     }
 
     /// Sends until the broker acknowledges; false only when the pipeline abandons work.
-    async fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: Option<OwnedHeaders>) -> bool {
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+    ) -> bool {
         let mut delay = Duration::from_millis(100);
         loop {
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload);

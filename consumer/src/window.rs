@@ -296,7 +296,8 @@ impl Windows {
                 st.summary = known.summary;
                 st.attempts = 0;
                 st.window.retain(|e| {
-                    let applied = known.applied.get(&e.signal.partition).is_some_and(|&o| e.signal.offset <= o);
+                    let applied =
+                        known.applied.get(&e.signal.partition).is_some_and(|&o| e.signal.offset <= o);
                     if applied {
                         gone.push((e.signal.partition, e.signal.offset));
                     }
@@ -372,8 +373,12 @@ impl Windows {
     /// Forgets every user whose home partition is in `partitions` (after their work was
     /// drained and persisted).
     pub fn drop_partitions(&mut self, partitions: &[i32]) {
-        let gone: Vec<Arc<str>> =
-            self.users.iter().filter(|(_, st)| partitions.contains(&st.partition)).map(|(u, _)| u.clone()).collect();
+        let gone: Vec<Arc<str>> = self
+            .users
+            .iter()
+            .filter(|(_, st)| partitions.contains(&st.partition))
+            .map(|(u, _)| u.clone())
+            .collect();
         for user in gone {
             if let Some(st) = self.users.remove(&user) {
                 self.buffered -= st.window.len();

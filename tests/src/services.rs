@@ -107,8 +107,7 @@ fn spawn(
     dir: tempfile::TempDir,
 ) -> anyhow::Result<Service> {
     let child = launch(name, program, args, dir.path())?;
-    let mut service =
-        Service { name, program: program.to_owned(), args: args.to_vec(), child, port, dir };
+    let mut service = Service { name, program: program.to_owned(), args: args.to_vec(), child, port, dir };
     wait_until_listening(&mut service, Duration::from_secs(20))?;
     Ok(service)
 }

@@ -83,7 +83,9 @@ pub fn scenario(users: usize, signals: usize, invalid_per_mille: u64, seed: u64)
             continue;
         }
         let (kind, body) = match rng.next_u64() % 3 {
-            0 => ("pair", format!(r#""post":"post {i}","chosen":"a short answer","rejected":"a long answer""#)),
+            0 => {
+                ("pair", format!(r#""post":"post {i}","chosen":"a short answer","rejected":"a long answer""#))
+            }
             1 => ("ugc", format!(r#""post":"post {i}","comment":"thanks, very clear""#)),
             _ => ("text", r#""text":"I like examples""#.to_owned()),
         };
@@ -104,7 +106,8 @@ pub fn produce(brokers: &str, messages: &[Produced]) -> anyhow::Result<()> {
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
     for m in messages {
-        let mut record = BaseRecord::to(keys::SIGNALS_TOPIC).key(m.key.as_bytes()).payload(m.payload.as_slice());
+        let mut record =
+            BaseRecord::to(keys::SIGNALS_TOPIC).key(m.key.as_bytes()).payload(m.payload.as_slice());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -161,7 +164,9 @@ pub fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .map(|h| {
+                        (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -208,7 +213,11 @@ pub fn consumer_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(|d| d.parent()).context("test binary has no target dir")?;
     let bin = dir.join("alignx-consumer");
-    ensure!(bin.exists(), "{} not built: run the tests through `make test` (a workspace build)", bin.display());
+    ensure!(
+        bin.exists(),
+        "{} not built: run the tests through `make test` (a workspace build)",
+        bin.display()
+    );
     Ok(bin)
 }
 
@@ -228,7 +237,14 @@ impl ConsumerProcess {
         let file = std::fs::File::create(&log)?;
         let child = Command::new(consumer_binary()?)
             .args(["run", "--engine", "counting", "--brokers", brokers, "--redis-url", redis_url])
-            .args(["--metrics-addr", &metrics.to_string(), "--window-wait", "500ms", "--commit-interval", "200ms"])
+            .args([
+                "--metrics-addr",
+                &metrics.to_string(),
+                "--window-wait",
+                "500ms",
+                "--commit-interval",
+                "200ms",
+            ])
             .args(["--kafka-set", "session.timeout.ms=6000", "--kafka-set", "heartbeat.interval.ms=500"])
             .args(["--kafka-set", "statistics.interval.ms=1000"])
             .args(extra)
@@ -338,7 +354,12 @@ pub fn wait_until_done(
 /// by kind (each applied once), `signals_applied` matches, nothing is pending, the log has
 /// one record per version 1..=v; the DLQ has each invalid message once with its reason;
 /// committed offsets reached the end of every partition.
-pub fn audit(brokers: &str, redis_url: &str, group: &str, messages: &[Produced]) -> anyhow::Result<AuditReport> {
+pub fn audit(
+    brokers: &str,
+    redis_url: &str,
+    group: &str,
+    messages: &[Produced],
+) -> anyhow::Result<AuditReport> {
     let expected = expected_counts(messages);
     let mut redis = redis::Client::open(redis_url)?.get_connection()?;
     let mut versions: HashMap<String, u64> = HashMap::new();
@@ -376,7 +397,8 @@ pub fn audit(brokers: &str, redis_url: &str, group: &str, messages: &[Produced])
     let mut origins = HashSet::new();
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for h in dlq.iter().map(|r| &r.headers) {
-        let origin = (h.get(keys::HEADER_ORIGIN_PARTITION).cloned(), h.get(keys::HEADER_ORIGIN_OFFSET).cloned());
+        let origin =
+            (h.get(keys::HEADER_ORIGIN_PARTITION).cloned(), h.get(keys::HEADER_ORIGIN_OFFSET).cloned());
         ensure!(origin.0.is_some() && origin.1.is_some(), "dead letter without origin headers: {h:?}");
         ensure!(origins.insert(origin), "a message was dead-lettered twice: {h:?}");
         *reasons.entry(h.get(keys::HEADER_ERROR).cloned().unwrap_or_default()).or_default() += 1;
@@ -412,7 +434,8 @@ pub fn audit(brokers: &str, redis_url: &str, group: &str, messages: &[Produced])
 fn check_log(brokers: &str, versions: &HashMap<String, u64>) -> anyhow::Result<usize> {
     let mut logged: HashMap<String, Vec<u64>> = HashMap::new();
     for r in &read_topic(brokers, keys::INFERENCE_LOG_TOPIC)? {
-        let rec: InferenceLogRecord = serde_json::from_slice(&r.payload).context("an inference-log record")?;
+        let rec: InferenceLogRecord =
+            serde_json::from_slice(&r.payload).context("an inference-log record")?;
         if let Some(v) = rec.new_version {
             logged.entry(rec.user_id).or_default().push(v);
         }

@@ -4,8 +4,12 @@
 
 use std::time::Duration;
 
-use alignx_tests::services::{Service, http_get, start_prometheus, start_redis, start_redis_persistent, start_tansu};
-use alignx_tests::stream::{ConsumerProcess, Produced, audit, create_topics, produce, scenario, wait_until_done};
+use alignx_tests::services::{
+    Service, http_get, start_prometheus, start_redis, start_redis_persistent, start_tansu,
+};
+use alignx_tests::stream::{
+    ConsumerProcess, Produced, audit, create_topics, produce, scenario, wait_until_done,
+};
 
 const GROUP: &str = "alignx-consumer";
 
@@ -59,7 +63,8 @@ fn every_signal_applied_once_and_prometheus_scrapes_the_consumer() {
     assert_eq!(http_get(consumer.metrics, "/readyz").unwrap().0, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, answer) = http_get(prometheus.addr(), "/api/v1/query?query=sum(alignx_signals_total)").unwrap();
+        let (_, answer) =
+            http_get(prometheus.addr(), "/api/v1/query?query=sum(alignx_signals_total)").unwrap();
         let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
         let value = v["data"]["result"][0]["value"][1].as_str().and_then(|s| s.parse::<f64>().ok());
         if value.is_some_and(|v| v > 0.0) {
@@ -71,7 +76,12 @@ fn every_signal_applied_once_and_prometheus_scrapes_the_consumer() {
 
     // The summaries topic carries every new version.
     let summaries = alignx_tests::stream::read_topic(&w.brokers, "alignx.summaries").unwrap();
-    assert!(summaries.len() as u64 >= report.updates, "{} summaries for {} updates", summaries.len(), report.updates);
+    assert!(
+        summaries.len() as u64 >= report.updates,
+        "{} summaries for {} updates",
+        summaries.len(),
+        report.updates
+    );
 
     let status = consumer.terminate(Duration::from_secs(30)).unwrap();
     assert!(status.success(), "SIGTERM drains and exits 0: {status}\n{}", consumer.log());
@@ -82,19 +92,31 @@ fn every_signal_applied_once_and_prometheus_scrapes_the_consumer() {
 fn kill_9_at_random_points_loses_and_repeats_nothing() {
     let w = world(start_redis().unwrap());
     let messages = stream();
+    // Produce steadily in the background while the consumer is killed and restarted.
+    let producer = {
+        let (brokers, messages) = (w.brokers.clone(), messages.clone());
+        std::thread::spawn(move || {
+            for chunk in messages.chunks(250) {
+                produce(&brokers, chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
     let mut rng = alignx_trainer::rng::Rng::new(11);
-    let chunks: Vec<&[Produced]> = messages.chunks(2_500).collect();
     let mut consumer = ConsumerProcess::start(&w.brokers, &w.redis_url, &[]).unwrap();
-    for chunk in &chunks {
-        produce(&w.brokers, chunk).unwrap();
-        // Let it work for a random while, then kill it without warning and restart.
-        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 2_500));
+    let mut kills = 0;
+    while kills < 4 {
+        // Right after a restart the consumer works through the backlog that piled up
+        // while it was gone: kill it at random points in that window.
+        std::thread::sleep(Duration::from_millis(2_000 + rng.next_u64() % 5_000));
         consumer.kill9();
+        kills += 1;
         consumer = ConsumerProcess::start(&w.brokers, &w.redis_url, &[]).unwrap();
     }
+    producer.join().unwrap();
     wait_until_done(&w.redis_url, &messages, Duration::from_secs(180), || alive(&mut consumer)).unwrap();
     let report = audit(&w.brokers, &w.redis_url, GROUP, &messages).unwrap();
-    println!("{report:?}");
+    println!("{kills} kills: {report:?}");
 }
 
 #[test]
@@ -137,7 +159,8 @@ fn a_redis_restart_mid_stream_loses_and_repeats_nothing() {
 #[test]
 fn a_flood_of_invalid_messages_trips_the_breaker() {
     let w = world(start_redis().unwrap());
-    let bad: Vec<Produced> = (0..60)
+    // Per partition: 4 partitions × ~50 ≫ the window of 20.
+    let bad: Vec<Produced> = (0..200)
         .map(|i| Produced {
             key: format!("u{i}"),
             payload: b"garbage".to_vec(),
