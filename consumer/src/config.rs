@@ -54,6 +54,14 @@ pub struct RunConfig {
     pub commit_interval: Duration,
     /// Signals held in memory (windows and updates in flight) before partitions are paused.
     pub max_buffered_signals: usize,
+    /// Messages taken from Kafka per poll round.
+    pub poll_batch: usize,
+    /// Updates in flight at once, over all users (0: no limit beyond one per user). More
+    /// than a few thousand only adds memory and contention.
+    /// With `poll_batch = 1`, `max_in_flight = 1`, `commit_interval = "0s"` and
+    /// `engine.batch_size = 1` the pipeline handles one message at a time — the baseline
+    /// of the pipeline benchmark, not a production setting.
+    pub max_in_flight: usize,
     /// Idle users whose state stays cached (beyond it, idle users are forgotten and read
     /// back from Redis when they return).
     pub max_cached_users: usize,
@@ -69,7 +77,9 @@ impl Default for RunConfig {
             input: InputConfig::default(),
             metrics_addr: defaults::METRICS_ADDR.parse().expect("the default address parses"),
             commit_interval: Duration::from_secs(1),
-            max_buffered_signals: 200_000,
+            max_buffered_signals: 100_000,
+            poll_batch: 8192,
+            max_in_flight: 2048,
             max_cached_users: 1_000_000,
         }
     }
@@ -322,6 +332,12 @@ pub struct RunArgs {
     /// How often windows are persisted and offsets committed [default: 1s].
     #[arg(long, env = "ALIGNX_COMMIT_INTERVAL", value_parser = parse_duration)]
     pub commit_interval: Option<Duration>,
+    /// Messages taken from Kafka per poll round [default: 8192].
+    #[arg(long, env = "ALIGNX_POLL_BATCH")]
+    pub poll_batch: Option<usize>,
+    /// Updates in flight at once over all users; 0 = no limit beyond one per user [default: 2048].
+    #[arg(long, env = "ALIGNX_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -413,6 +429,8 @@ impl RunConfig {
         set(&mut self.engine.batch_size, a.batch_size);
         set(&mut self.engine.concurrency, a.concurrency);
         set(&mut self.commit_interval, a.commit_interval);
+        set(&mut self.poll_batch, a.poll_batch);
+        set(&mut self.max_in_flight, a.max_in_flight);
         Ok(())
     }
 
@@ -420,6 +438,9 @@ impl RunConfig {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.window.max_signals == 0 {
             return bad("window size must be at least 1".into());
+        }
+        if self.poll_batch == 0 {
+            return bad("poll_batch must be at least 1".into());
         }
         if self.engine.batch_size == 0 || self.engine.concurrency == 0 {
             return bad("engine batch size and concurrency must be at least 1".into());

@@ -6,7 +6,7 @@
 //! "summarises" by counting signal kinds, continuing from the previous summary, in the
 //! protocol's output format, so everything downstream of generation runs for real.
 
-use alignx_schemas::{Signal, SignalKind};
+use alignx_schemas::SignalKind;
 
 /// One user's update, ready for the model.
 #[derive(Debug, Clone)]
@@ -16,8 +16,8 @@ pub struct UpdateRequest {
     pub prompt: String,
     /// The summary the update starts from.
     pub previous_summary: Option<String>,
-    /// The window of signals the prompt shows.
-    pub signals: Vec<Signal>,
+    /// The kinds of the window's signals, in order (the prompt shows the signals).
+    pub kinds: Vec<SignalKind>,
     /// Seed of this request's sampling (reproducible generations).
     pub seed: u64,
 }
@@ -85,16 +85,15 @@ impl Engine for CountingEngine {
             .iter()
             .map(|r| {
                 let mut counts = Self::counts(r.previous_summary.as_deref());
-                for s in &r.signals {
-                    let i =
-                        SignalKind::ALL.iter().position(|k| *k == s.kind()).expect("every kind is listed");
+                for kind in &r.kinds {
+                    let i = SignalKind::ALL.iter().position(|k| k == kind).expect("every kind is listed");
                     counts[i] += 1;
                 }
                 let summary: Vec<String> =
                     SignalKind::ALL.iter().zip(counts).map(|(k, n)| format!("{}={n}", k.as_str())).collect();
                 let text = format!(
                     " Counted {} new signals. </think> <answer>{}</answer>",
-                    r.signals.len(),
+                    r.kinds.len(),
                     summary.join(" ")
                 );
                 Generation {
@@ -110,7 +109,7 @@ impl Engine for CountingEngine {
 #[cfg(test)]
 mod tests {
     use alignx_schemas::answer::parse_answer;
-    use alignx_schemas::{Limits, validate_signal};
+    use alignx_schemas::{Limits, Signal, validate_signal};
 
     use super::*;
 
@@ -132,7 +131,7 @@ mod tests {
             user_id: "u".into(),
             prompt: "a prompt".into(),
             previous_summary: previous.map(str::to_owned),
-            signals: kinds.iter().map(|k| signal(k)).collect(),
+            kinds: kinds.iter().map(|k| signal(k).kind()).collect(),
             seed: 0,
         };
         let out = CountingEngine

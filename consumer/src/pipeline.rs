@@ -17,10 +17,12 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use alignx_schemas::SignalKind;
 use alignx_schemas::inference_log::LoggedSignal;
 use alignx_schemas::keys::pending_index;
 use alignx_schemas::prompt::Templates;
 use anyhow::Context;
+use prometheus::IntCounter;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Runtime;
@@ -37,8 +39,6 @@ use crate::store::Store;
 use crate::update::{Updater, known, now_ms, redis_retry};
 use crate::window::{Finished, Pushed, Windows};
 
-/// Most messages taken from one poll round before they are processed.
-const POLL_BATCH: usize = 8192;
 /// How long shutdown and revocation wait for in-flight updates.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -79,6 +79,9 @@ pub struct Pipeline {
     readiness: Readiness,
     tripped: Option<String>,
     draining: bool,
+    /// `alignx_signals_total{kind, outcome}` children, indexed by `SignalKind as usize`.
+    accepted: [IntCounter; 3],
+    duplicates: [IntCounter; 3],
 }
 
 impl Pipeline {
@@ -89,7 +92,12 @@ impl Pipeline {
         readiness: Readiness,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
+        let signals = &updater.metrics.signals;
+        let by_kind =
+            |outcome: &str| SignalKind::ALL.map(|k| signals.with_label_values(&[k.as_str(), outcome]));
         Self {
+            accepted: by_kind("accepted"),
+            duplicates: by_kind("duplicate"),
             windows: Windows::new(cfg.window.max_signals, cfg.window.max_wait),
             engine_slots: Arc::new(Semaphore::new(cfg.engine.concurrency)),
             cfg,
@@ -162,10 +170,11 @@ impl Pipeline {
         for s in valid {
             let Some(user) = self.windows.user_id(&s.signal.user_id) else { continue };
             let (kind, partition, offset) = (s.signal.kind(), s.partition, s.offset);
+            let k = kind as usize;
             match self.windows.push(&user, s, now) {
-                Pushed::Added => self.metrics().signals.with_label_values(&[kind.as_str(), "accepted"]).inc(),
+                Pushed::Added => self.accepted[k].inc(),
                 Pushed::Duplicate => {
-                    self.metrics().signals.with_label_values(&[kind.as_str(), "duplicate"]).inc();
+                    self.duplicates[k].inc();
                     self.handled(partition, offset);
                 }
             }
@@ -258,7 +267,10 @@ impl Pipeline {
             self.dispatch();
         }
         if now.duration_since(self.last_checkpoint) >= self.cfg.commit_interval {
-            self.checkpoint(consumer, CommitMode::Async);
+            // Signals younger than an interval are usually applied before the next
+            // checkpoint; persisting only older ones saves most Redis writes, and the
+            // commit point lags by at most two intervals.
+            self.checkpoint(consumer, CommitMode::Async, self.cfg.commit_interval);
             self.windows.evict_idle(self.cfg.max_cached_users);
         }
         self.backpressure(consumer);
@@ -268,16 +280,34 @@ impl Pipeline {
         self.readiness.set(!self.partitions.is_empty() && self.updater.redis_ok.load(Ordering::Relaxed));
     }
 
-    /// Hands ready windows to the engine, one batch per free engine slot.
+    /// Whether the `max_in_flight` limit is reached.
+    pub fn at_capacity(&self) -> bool {
+        self.cfg.max_in_flight > 0 && self.windows.in_flight() >= self.cfg.max_in_flight
+    }
+
+    /// Blocks until some in-flight work reports back (or `timeout`).
+    pub fn await_completion(&mut self, timeout: Duration) {
+        if let Ok(c) = self.rx.recv_timeout(timeout) {
+            self.complete(c);
+        }
+    }
+
+    /// Hands every ready window (up to `max_in_flight`) to the engine stage in batches;
+    /// the batches wait for a free engine slot inside their tasks, so this loop never
+    /// waits for the engine.
     fn dispatch(&mut self) {
-        while self.windows.has_ready() {
-            let Ok(permit) = self.engine_slots.clone().try_acquire_owned() else { break };
-            let inputs = self.windows.take_ready(self.cfg.engine.batch_size);
+        while self.windows.has_ready() && !self.at_capacity() {
+            let room = match self.cfg.max_in_flight {
+                0 => usize::MAX,
+                max => max - self.windows.in_flight(),
+            };
+            let inputs = self.windows.take_ready(self.cfg.engine.batch_size.min(room));
             if inputs.is_empty() {
                 break;
             }
-            let (updater, tx) = (self.updater.clone(), self.tx.clone());
+            let (updater, tx, slots) = (self.updater.clone(), self.tx.clone(), self.engine_slots.clone());
             self.rt.spawn(async move {
+                let Ok(permit) = slots.acquire_owned().await else { return };
                 let done = updater.run_batch(inputs, permit).await;
                 let _ = tx.send(Completion::Updates(done));
             });
@@ -297,11 +327,13 @@ impl Pipeline {
         wait.min((self.last_checkpoint + self.cfg.commit_interval).saturating_duration_since(now))
     }
 
-    /// Persists new window signals (index first, then the lists), drops emptied users
-    /// from the index, and commits every partition's low-water mark.
-    fn checkpoint(&mut self, consumer: &KafkaConsumer, mode: CommitMode) {
-        self.last_checkpoint = Instant::now();
-        let todo = self.windows.unpersisted();
+    /// Persists window signals older than `min_age` (index first, then the lists), drops
+    /// emptied users from the index, and commits every partition's low-water mark.
+    fn checkpoint(&mut self, consumer: &KafkaConsumer, mode: CommitMode, min_age: Duration) {
+        let now = Instant::now();
+        self.last_checkpoint = now;
+        let cutoff = now.checked_sub(min_age).unwrap_or(now);
+        let todo = self.windows.unpersisted(cutoff);
         if !todo.is_empty() {
             let topic = &self.cfg.kafka.input_topic;
             let mut by_partition: HashMap<String, Vec<&str>> = HashMap::new();
@@ -323,7 +355,7 @@ impl Pipeline {
             if persisted.is_none() {
                 return; // abandoned (shutdown with Redis down): nothing more is handled
             }
-            self.windows.persisted();
+            self.windows.persisted(cutoff);
             for (_, _, signals) in &todo {
                 for s in signals {
                     self.handled(s.partition, s.offset);
@@ -420,7 +452,7 @@ impl Pipeline {
         tracing::info!(?partitions, "partitions revoked: draining");
         self.draining = true;
         self.drain(DRAIN_TIMEOUT);
-        self.checkpoint(consumer, CommitMode::Sync);
+        self.checkpoint(consumer, CommitMode::Sync, Duration::ZERO);
         self.windows.drop_partitions(partitions);
         for p in partitions {
             self.partitions.remove(p);
@@ -488,7 +520,7 @@ impl Pipeline {
         );
         self.draining = true;
         self.drain(DRAIN_TIMEOUT);
-        self.checkpoint(consumer, CommitMode::Sync);
+        self.checkpoint(consumer, CommitMode::Sync, Duration::ZERO);
     }
 }
 
@@ -528,9 +560,11 @@ pub fn run(cfg: RunConfig, engine: Arc<dyn Engine>, stop: Arc<AtomicBool>) -> an
         Some(path) => Templates::from_file(path)?,
         None => Templates::default(),
     };
+    let store = Store::new(conn, cfg.redis.history_len);
+    rt.block_on(store.load_scripts()).context("load the Lua scripts into Redis")?;
     let updater = Arc::new(Updater {
         engine,
-        store: Store::new(conn, cfg.redis.history_len),
+        store,
         sink: Sink::new(&cfg.kafka, abandon.clone()).context("create the Kafka producer")?,
         metrics: metrics.clone(),
         templates,
@@ -554,10 +588,20 @@ pub fn run(cfg: RunConfig, engine: Arc<dyn Engine>, stop: Arc<AtomicBool>) -> an
         if stop.load(Ordering::Relaxed) {
             break Exit::Shutdown;
         }
-        let timeout = lock(&pipeline).poll_timeout();
+        let timeout = {
+            let mut p = lock(&pipeline);
+            if p.at_capacity() {
+                // Take nothing new until an update finishes (rebalances wait for the
+                // next poll; heartbeats run on librdkafka's own thread).
+                p.await_completion(Duration::from_millis(100));
+                p.pump(&consumer);
+                continue;
+            }
+            p.poll_timeout()
+        };
         let mut batch = Vec::new();
         let mut wait = timeout;
-        while batch.len() < POLL_BATCH {
+        while batch.len() < cfg.poll_batch {
             match consumer.poll(wait) {
                 Some(Ok(m)) => batch.push(incoming(&m, &limits)),
                 Some(Err(e)) => {

@@ -26,6 +26,7 @@
 //! scripts also run on Redis Cluster. Offsets travel through Lua's cjson, which keeps 14
 //! significant digits: offsets below 10^14 per partition are exact.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 
 use alignx_schemas::inference_log::LoggedSignal;
@@ -92,20 +93,30 @@ pub struct UserRecord {
     pub outbox: Option<String>,
 }
 
+/// Pending entries are `LoggedSignal` JSON, which serde writes starting with
+/// `{"partition":P,"offset":O,`: the scripts read the position with a pattern instead of
+/// decoding the whole signal (the decode was most of their cost).
+const POSITION: &str = r#"
+local function position(e)
+  local p, o = string.match(e, '^{"partition":(%-?%d+),"offset":(%-?%d+)')
+  return p, tonumber(o)
+end
+"#;
+
 const PERSIST: &str = r#"
 local applied = {}
 local raw = redis.call('HGET', KEYS[1], 'applied')
 if raw then applied = cjson.decode(raw) end
 local seen = {}
 for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  local d = cjson.decode(e)
-  seen[string.format('%d:%d', d.partition, d.offset)] = true
+  local p, o = position(e)
+  seen[p .. ':' .. o] = true
 end
 local added = 0
 for i = 1, #ARGV, 3 do
   local p, o = ARGV[i], tonumber(ARGV[i + 1])
   local done = applied[p]
-  local key = string.format('%d:%d', tonumber(p), o)
+  local key = p .. ':' .. o
   if (done == nil or o > done) and not seen[key] then
     redis.call('RPUSH', KEYS[2], ARGV[i + 2])
     seen[key] = true
@@ -128,9 +139,9 @@ end
 if redis.call('LLEN', KEYS[2]) > 0 then
   local keep = {}
   for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-    local d = cjson.decode(e)
-    local c = consumed[string.format('%d', d.partition)]
-    if c == nil or d.offset > c then table.insert(keep, e) end
+    local p, o = position(e)
+    local c = consumed[p]
+    if c == nil or o > c then table.insert(keep, e) end
   end
   redis.call('DEL', KEYS[2])
   for _, e in ipairs(keep) do redis.call('RPUSH', KEYS[2], e) end
@@ -161,34 +172,27 @@ pub struct Store<C> {
     conn: C,
     persist: redis::Script,
     apply: redis::Script,
-    clear_outbox: redis::Script,
     history_len: usize,
 }
 
 /// The summary hash field holding the last update's unconfirmed inference-log record.
 const OUTBOX: &str = "outbox";
 
-const CLEAR_OUTBOX: &str = r#"
-if redis.call('HGET', KEYS[1], 'version') == ARGV[1] then return redis.call('HDEL', KEYS[1], 'outbox') end
-return 0
-"#;
-
 impl<C: ConnectionLike + Send + Clone> Store<C> {
     pub fn new(conn: C, history_len: usize) -> Self {
         Self {
             conn,
-            persist: redis::Script::new(PERSIST),
-            apply: redis::Script::new(APPLY),
-            clear_outbox: redis::Script::new(CLEAR_OUTBOX),
+            persist: redis::Script::new(&format!("{POSITION}{PERSIST}")),
+            apply: redis::Script::new(&format!("{POSITION}{APPLY}")),
             history_len: history_len.max(1),
         }
     }
 
     /// Appends signals of one user to their pending window; returns how many were new.
-    pub async fn persist_pending(
+    pub async fn persist_pending<S: Borrow<LoggedSignal>>(
         &self,
         user_id: &str,
-        signals: &[LoggedSignal],
+        signals: &[S],
     ) -> Result<usize, StoreError> {
         if signals.is_empty() {
             return Ok(0);
@@ -197,6 +201,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
         let mut inv = self.persist.key(&keys.summary);
         inv.key(&keys.pending);
         for s in signals {
+            let s = s.borrow();
             let json = serde_json::to_string(s).expect("a signal serialises");
             inv.arg(s.partition).arg(s.offset).arg(json);
         }
@@ -267,12 +272,25 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
         Ok(UserRecord { summary, applied, outbox: fields.get(OUTBOX).cloned() })
     }
 
-    /// Forgets the outbox record of `version` once its delivery is confirmed — unless a
-    /// later update (with its own record) already replaced it.
-    pub async fn clear_outbox(&self, user_id: &str, version: u64) -> Result<(), StoreError> {
+    /// Forgets the outbox record once its delivery is confirmed. A plain `HDEL`, not a
+    /// script: only the user's owner writes their summary, and it starts the user's next
+    /// update only after this returns. (A zombie owner's newer record could be dropped by
+    /// it; that record is then missing from the log only if the zombie also crashes
+    /// before delivering it.)
+    pub async fn clear_outbox(&self, user_id: &str) -> Result<(), StoreError> {
         let keys = UserKeys::new(user_id);
         let _: i64 =
-            self.clear_outbox.key(&keys.summary).arg(version).invoke_async(&mut self.conn.clone()).await?;
+            redis::cmd("HDEL").arg(&keys.summary).arg(OUTBOX).query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Loads the scripts into Redis's script cache up front, so that the first burst of
+    /// concurrent calls does not all miss it. (After a Redis restart the cache is empty
+    /// again; each call then loads its script on a miss.)
+    pub async fn load_scripts(&self) -> Result<(), StoreError> {
+        for script in [&self.persist, &self.apply] {
+            let _: String = script.prepare_invoke().load_async(&mut self.conn.clone()).await?;
+        }
         Ok(())
     }
 

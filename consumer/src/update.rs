@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use alignx_schemas::answer::{AnswerFailure, parse_answer};
-use alignx_schemas::inference_log::{InferenceLogRecord, InferenceLogSchema, UpdateOutcome};
+use alignx_schemas::inference_log::{InferenceLogRecord, InferenceLogSchema, LoggedSignal, UpdateOutcome};
 use alignx_schemas::prompt::{Evidence, Setting, Templates};
 use alignx_schemas::summary::{SummaryRecord, SummarySchema};
 
@@ -88,15 +88,14 @@ impl Updater {
     }
 
     fn request(&self, input: &UpdateInput) -> UpdateRequest {
-        let signals: Vec<_> = input.signals.iter().map(|s| s.signal.clone()).collect();
-        let evidence = Evidence::from_signals(&signals);
+        let evidence = Evidence::from_signals(input.signals.iter().map(|s| &s.signal));
         let setting = Setting::Streaming { past: input.previous_summary.as_deref() };
         let prompt = self.templates.render(self.engine.bos(), setting, &evidence);
         UpdateRequest {
             user_id: input.user.to_string(),
             prompt,
             previous_summary: input.previous_summary.clone(),
-            signals,
+            kinds: input.signals.iter().map(|s| s.signal.kind()).collect(),
             seed: seed(&input.user, input.expected_version, input.attempt),
         }
     }
@@ -126,7 +125,7 @@ impl Updater {
             logged_at_ms: now_ms(),
             previous_version: input.expected_version,
             previous_summary: input.previous_summary.clone(),
-            signals: input.signals.clone(),
+            signals: input.signals.iter().map(|s| &**s).collect::<Vec<&LoggedSignal>>(),
             prompt,
             generation: text,
             summary: None,
@@ -222,7 +221,7 @@ impl Updater {
                 return false;
             }
         }
-        self.redis("clear outbox", || self.store.clear_outbox(user, version)).await.is_some()
+        self.redis("clear outbox", || self.store.clear_outbox(user)).await.is_some()
     }
 
     /// The stored state moved on under this update: read it back.
@@ -247,7 +246,7 @@ impl Updater {
                 return;
             }
         }
-        self.redis("clear outbox", || self.store.clear_outbox(user, summary.version)).await;
+        self.redis("clear outbox", || self.store.clear_outbox(user)).await;
     }
 
     /// Retries a Redis operation with backoff until it succeeds or work is abandoned.

@@ -20,7 +20,7 @@ use alignx_schemas::inference_log::LoggedSignal;
 /// One signal in a window.
 #[derive(Debug, Clone)]
 struct Entry {
-    signal: LoggedSignal,
+    signal: Arc<LoggedSignal>,
     /// Arrival, for the max-wait deadline.
     arrived: Instant,
     /// Written to the user's pending list in Redis.
@@ -63,7 +63,7 @@ pub struct UpdateInput {
     pub user: Arc<str>,
     pub expected_version: u64,
     pub previous_summary: Option<String>,
-    pub signals: Vec<LoggedSignal>,
+    pub signals: Vec<Arc<LoggedSignal>>,
     /// Failed generations of this window so far.
     pub attempt: u32,
 }
@@ -171,7 +171,7 @@ impl Windows {
             }
             st.seen.insert(signal.partition, signal.offset);
             st.partition = signal.partition;
-            st.window.push_back(Entry { signal, arrived: since, persisted: true });
+            st.window.push_back(Entry { signal: Arc::new(signal), arrived: since, persisted: true });
             self.buffered += 1;
         }
         if st.window.is_empty() {
@@ -188,7 +188,7 @@ impl Windows {
         }
         st.seen.insert(signal.partition, signal.offset);
         st.partition = signal.partition;
-        st.window.push_back(Entry { signal, arrived: now, persisted: false });
+        st.window.push_back(Entry { signal: Arc::new(signal), arrived: now, persisted: false });
         self.buffered += 1;
         self.unpersisted.insert(user.clone());
         self.emptied.remove(user);
@@ -327,31 +327,42 @@ impl Windows {
         gone
     }
 
-    /// The signals not yet persisted, per user, with the user's home partition. Call
-    /// [`Self::persisted`] once they are written.
-    pub fn unpersisted(&self) -> Vec<(Arc<str>, i32, Vec<LoggedSignal>)> {
+    /// The signals not yet persisted that arrived at or before `cutoff`, per user, with
+    /// the user's home partition. Call [`Self::persisted`] with the same cutoff once they
+    /// are written. (Younger signals are usually applied before the next checkpoint, and
+    /// then never need persisting.)
+    pub fn unpersisted(&self, cutoff: Instant) -> Vec<(Arc<str>, i32, Vec<Arc<LoggedSignal>>)> {
         self.unpersisted
             .iter()
             .filter_map(|user| {
                 let st = self.users.get(user)?;
-                let signals: Vec<LoggedSignal> =
-                    st.window.iter().filter(|e| !e.persisted).map(|e| e.signal.clone()).collect();
+                let signals: Vec<Arc<LoggedSignal>> = st
+                    .window
+                    .iter()
+                    .filter(|e| !e.persisted && e.arrived <= cutoff)
+                    .map(|e| e.signal.clone())
+                    .collect();
                 (!signals.is_empty()).then(|| (user.clone(), st.partition, signals))
             })
             .collect()
     }
 
-    /// Marks everything [`Self::unpersisted`] returned as persisted (nothing may change
-    /// in between).
-    pub fn persisted(&mut self) {
-        for user in self.unpersisted.drain() {
-            if let Some(st) = self.users.get_mut(&user) {
-                st.indexed = true;
-                for e in st.window.iter_mut() {
+    /// Marks what [`Self::unpersisted`] returned for `cutoff` as persisted (nothing may
+    /// change in between).
+    pub fn persisted(&mut self, cutoff: Instant) {
+        self.unpersisted.retain(|user| {
+            let Some(st) = self.users.get_mut(user) else { return false };
+            let mut left = false;
+            for e in st.window.iter_mut().filter(|e| !e.persisted) {
+                if e.arrived <= cutoff {
                     e.persisted = true;
+                    st.indexed = true;
+                } else {
+                    left = true;
                 }
             }
-        }
+            left
+        });
     }
 
     /// Indexed users whose windows are empty and idle: their index entries can go.
@@ -488,16 +499,19 @@ mod tests {
     #[test]
     fn persisting_and_index_bookkeeping() {
         let now = Instant::now();
+        let later = now + Duration::from_secs(1);
         let mut w = Windows::new(2, Duration::from_secs(30));
         let u = w.insert("u", Known::default(), 3);
         w.push(&u, signal("u", 1), now);
-        let todo = w.unpersisted();
-        assert_eq!(todo.len(), 1);
-        w.persisted();
-        assert!(w.unpersisted().is_empty());
-        w.push(&u, signal("u", 2), now);
+        w.push(&u, signal("u", 2), later);
+        assert_eq!(w.unpersisted(now)[0].2.len(), 1, "only signals old enough are persisted");
+        w.persisted(now);
+        assert!(w.unpersisted(now).is_empty());
+        assert_eq!(w.unpersisted(later)[0].2[0].offset, 2);
+        w.persisted(later);
+        assert!(w.unpersisted(later).is_empty());
         w.take_ready(1);
-        w.finish(&u, Finished::Applied { version: 1, summary: "s".into() }, now);
+        w.finish(&u, Finished::Applied { version: 1, summary: "s".into() }, later);
         assert_eq!(w.take_emptied(), [(0, u.clone())]);
         assert!(w.take_emptied().is_empty());
     }

@@ -47,7 +47,8 @@ impl UpdateOutcome {
     }
 }
 
-/// A signal as it was read from Kafka.
+/// A signal as it was read from Kafka. Keep `partition` and `offset` the first two
+/// fields: the consumer's Redis scripts read them from the front of the JSON text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoggedSignal {
     pub partition: i32,
@@ -55,9 +56,11 @@ pub struct LoggedSignal {
     pub signal: Signal,
 }
 
-/// One update attempt.
+/// One update attempt. `S` is how the signals are held: owned when a record is read;
+/// the consumer writes records that borrow the signals of its windows (`&LoggedSignal`)
+/// rather than copying them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InferenceLogRecord {
+pub struct InferenceLogRecord<S = LoggedSignal> {
     pub schema: InferenceLogSchema,
     pub user_id: String,
     /// Model version id that generated.
@@ -68,7 +71,7 @@ pub struct InferenceLogRecord {
     pub previous_version: u64,
     pub previous_summary: Option<String>,
     /// The window of signals, in offset order.
-    pub signals: Vec<LoggedSignal>,
+    pub signals: Vec<S>,
     /// The exact prompt text given to the model.
     pub prompt: String,
     /// The raw generation after the prompt.
