@@ -25,10 +25,10 @@ demo: build
 
 ## Benchmarks (not tests): JSON under target/bench/.
 bench: setup
-	$(ENV) cargo bench -p alignx-trainer --bench trainer -- target/bench/trainer.json
-	$(ENV) cargo bench -p alignx-tests --bench onnx -- target/bench/onnx.json
+	$(ENV) cargo bench -p alignx-trainer --bench trainer -- $(CURDIR)/target/bench/trainer.json
+	$(ENV) cargo bench -p alignx-tests --bench onnx -- $(CURDIR)/target/bench/onnx.json
 	$(ENV) cargo build --release -p alignx-consumer --bin alignx-consumer
-	$(ENV) cargo bench -p alignx-tests --bench pipeline -- target/bench/pipeline.json
+	$(ENV) cargo bench -p alignx-tests --bench pipeline -- $(CURDIR)/target/bench/pipeline.json
 
 ## Qwen2 logits and greedy decoding against Hugging Face transformers, both ways
 ## (installs a Python oracle once; not part of `make test`).

@@ -61,6 +61,12 @@ fn every_signal_applied_once_and_prometheus_scrapes_the_consumer() {
         .sum();
     assert_eq!(accepted as u64, report.valid, "alignx_signals_total{{outcome=accepted}}");
     assert_eq!(http_get(consumer.metrics, "/readyz").unwrap().0, 200);
+    // Lag per partition comes from librdkafka's statistics (every second in tests).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !http_get(consumer.metrics, "/metrics").unwrap().1.contains("alignx_consumer_lag{partition=") {
+        assert!(std::time::Instant::now() < deadline, "no alignx_consumer_lag series");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (_, answer) =
