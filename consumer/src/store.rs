@@ -127,11 +127,11 @@ return added
 "#;
 
 const APPLY: &str = r#"
-local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local st = redis.call('HMGET', KEYS[1], 'version', 'applied', 'summary', 'signals_applied')
+local cur = tonumber(st[1] or '0')
 if cur ~= tonumber(ARGV[1]) then return {0, cur} end
 local applied = {}
-local raw = redis.call('HGET', KEYS[1], 'applied')
-if raw then applied = cjson.decode(raw) end
+if st[2] then applied = cjson.decode(st[2]) end
 local consumed = cjson.decode(ARGV[8])
 for p, o in pairs(consumed) do
   if applied[p] ~= nil and o <= applied[p] then return {3, cur} end
@@ -152,16 +152,18 @@ if ARGV[10] == 'skip' then
   redis.call('HINCRBY', KEYS[1], 'signals_failed', ARGV[5])
   return {2, cur}
 end
-local old = redis.call('HGET', KEYS[1], 'summary')
-if old then
-  redis.call('LPUSH', KEYS[3], cjson.encode({version = cur, summary = old}))
+if st[3] then
+  redis.call('LPUSH', KEYS[3], cjson.encode({version = cur, summary = st[3]}))
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
 end
-local n = tonumber(redis.call('HGET', KEYS[1], 'signals_applied') or '0') + tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'summary', ARGV[2], 'version', cur + 1, 'model', ARGV[3],
-  'updated_at_ms', ARGV[4], 'signals_applied', n, 'applied', cjson.encode(applied))
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'reasoning', ARGV[7]) else redis.call('HDEL', KEYS[1], 'reasoning') end
-if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'outbox', ARGV[9]) else redis.call('HDEL', KEYS[1], 'outbox') end
+local n = tonumber(st[4] or '0') + tonumber(ARGV[5])
+local fields = {'summary', ARGV[2], 'version', cur + 1, 'model', ARGV[3], 'updated_at_ms', ARGV[4],
+  'signals_applied', n, 'applied', cjson.encode(applied)}
+local drop = {}
+if ARGV[7] ~= '' then table.insert(fields, 'reasoning'); table.insert(fields, ARGV[7]) else table.insert(drop, 'reasoning') end
+if ARGV[9] ~= '' then table.insert(fields, 'outbox'); table.insert(fields, ARGV[9]) else table.insert(drop, 'outbox') end
+redis.call('HSET', KEYS[1], unpack(fields))
+if #drop > 0 then redis.call('HDEL', KEYS[1], unpack(drop)) end
 return {1, cur + 1, n}
 "#;
 

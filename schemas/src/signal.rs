@@ -169,11 +169,75 @@ pub fn validate_payload(payload: &[u8], limits: &Limits) -> Result<Signal, Probl
     }
     let text = std::str::from_utf8(payload)
         .map_err(|e| Problems::single("$", ProblemCode::InvalidUtf8, format!("payload is not UTF-8: {e}")))?;
+    if let Some(signal) = fast_path(text, limits) {
+        return Ok(signal);
+    }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| Problems::single("$", ProblemCode::InvalidJson, format!("payload is not JSON: {e}")))?;
     let mut c = Checker::new();
     let signal = check_signal(&mut c, &value, limits);
     c.conclude(signal, "$")
+}
+
+/// A well-formed signal with exactly the known members, deserialised without building
+/// a JSON tree. Anything unusual — extra members, duplicates, nulls, wrong types, any rule
+/// broken — returns `None`, and the full checker (which explains every problem) decides.
+/// So this path only ever accepts what the checker accepts; `fast_path_agrees_with_the_checker`
+/// holds it to that.
+fn fast_path(text: &str, limits: &Limits) -> Option<Signal> {
+    use std::borrow::Cow;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw<'a> {
+        #[serde(borrow)]
+        schema: Cow<'a, str>,
+        #[serde(borrow)]
+        user_id: Cow<'a, str>,
+        #[serde(borrow)]
+        signal_id: Cow<'a, str>,
+        #[serde(borrow)]
+        ts: Cow<'a, str>,
+        #[serde(borrow)]
+        kind: Cow<'a, str>,
+        #[serde(borrow, default)]
+        post: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        chosen: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        rejected: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        comment: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        text: Option<Cow<'a, str>>,
+    }
+    let raw: Raw<'_> = serde_json::from_str(text).ok()?;
+    let id_ok = |id: &str| {
+        !id.trim().is_empty() && id.len() <= limits.max_id_bytes && !id.chars().any(char::is_control)
+    };
+    let field = |f: &Option<Cow<'_, str>>| -> Option<String> {
+        let f = f.as_deref()?;
+        (!f.trim().is_empty() && f.len() <= limits.max_text_bytes).then(|| f.to_owned())
+    };
+    if raw.schema != SIGNAL_SCHEMA || !id_ok(&raw.user_id) || !id_ok(&raw.signal_id) {
+        return None;
+    }
+    let body = match raw.kind.as_ref() {
+        "pair" => SignalBody::Pair {
+            post: field(&raw.post)?,
+            chosen: field(&raw.chosen)?,
+            rejected: field(&raw.rejected)?,
+        },
+        "ugc" => SignalBody::Ugc { post: field(&raw.post)?, comment: field(&raw.comment)? },
+        "text" => SignalBody::Text { text: field(&raw.text)? },
+        _ => return None,
+    };
+    Some(Signal {
+        schema: SignalSchema::V1,
+        user_id: raw.user_id.into_owned(),
+        signal_id: raw.signal_id.into_owned(),
+        ts: Timestamp::parse(&raw.ts).ok()?,
+        body,
+    })
 }
 
 fn check_key(c: &mut Checker, key: Option<&[u8]>, user_id: &str) {
@@ -252,6 +316,45 @@ fn check_body(c: &mut Checker, obj: &Map<String, Value>, limits: &Limits) -> Opt
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fast_path_agrees_with_the_checker() {
+        let limits = Limits { max_id_bytes: 8, max_text_bytes: 10, max_message_bytes: 1000 };
+        let head =
+            r#""schema":"alignx.signal.v1","user_id":"u1","signal_id":"s1","ts":"2026-01-01T00:00:00Z""#;
+        let cases = [
+            format!(r#"{{{head},"kind":"text","text":"hi"}}"#),
+            format!(r#"{{{head},"kind":"pair","post":"p","chosen":"c","rejected":"r"}}"#),
+            format!(r#"{{{head},"kind":"ugc","post":"p","comment":"c"}}"#),
+            format!(r#"{{{head},"kind":"ugc","post":"p","comment":"\u00e9\n"}}"#),
+            format!(r#"{{{head},"kind":"text","text":"  "}}"#),
+            format!(r#"{{{head},"kind":"text","text":"01234567890"}}"#),
+            format!(r#"{{{head},"kind":"text","text":null}}"#),
+            format!(r#"{{{head},"kind":"text","text":"a","extra":[[[[1]]]]}}"#),
+            format!(r#"{{{head},"kind":"text","text":"a","text":"b"}}"#),
+            format!(r#"{{{head},"kind":"pair","post":"p","chosen":"c"}}"#),
+            format!(r#"{{{head},"kind":"like","text":"a"}}"#),
+            format!(r#"{{{head},"kind":"text","text":"a","post":5}}"#),
+            r#"{"schema":"alignx.signal.v2","user_id":"u","signal_id":"s","ts":"2026-01-01T00:00:00Z","kind":"text","text":"a"}"#.into(),
+            r#"{"schema":"alignx.signal.v1","user_id":"u\u0001","signal_id":"s","ts":"2026-01-01T00:00:00Z","kind":"text","text":"a"}"#.into(),
+            r#"{"schema":"alignx.signal.v1","user_id":"u","signal_id":"s","ts":"yesterday","kind":"text","text":"a"}"#.into(),
+            r#"{"schema":"alignx.signal.v1","user_id":"a-long-id","signal_id":"s","ts":"2026-01-01T00:00:00Z","kind":"text","text":"a"}"#.into(),
+        ];
+        let mut fast_accepts = 0;
+        for case in &cases {
+            let full = validate_payload(case.as_bytes(), &limits);
+            if let Some(fast) = super::fast_path(case, &limits) {
+                fast_accepts += 1;
+                assert_eq!(full.as_ref().ok(), Some(&fast), "{case}");
+            }
+            // And the public entry point (fast path first) gives the checker's verdict.
+            let mut c = Checker::new();
+            let slow =
+                serde_json::from_str::<Value>(case).ok().and_then(|v| check_signal(&mut c, &v, &limits));
+            assert_eq!(full.ok(), slow.filter(|_| c.conclude(Some(()), "$").is_ok()), "{case}");
+        }
+        assert_eq!(fast_accepts, 4, "the well-formed cases take the fast path");
+    }
+
     use super::*;
 
     fn codes(r: Result<Signal, Problems>) -> Vec<(String, ProblemCode)> {

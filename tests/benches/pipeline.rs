@@ -104,7 +104,7 @@ fn measure(brokers: &str, redis_url: &str, pids: &[(&str, u32)], n: u64, args: &
             start = Some(Instant::now());
             profiler = profile_dir.as_ref().map(|dir| {
                 std::process::Command::new("perf")
-                    .args(["record", "-F", "499", "-g", "-o"])
+                    .args(["record", "-F", "199", "--call-graph", "dwarf,16384", "-o"])
                     .arg(std::path::Path::new(dir).join(format!("consumer-{}.perf.data", args.len())))
                     .args(["-p", &consumer.pid().to_string()])
                     .stdout(std::process::Stdio::null())

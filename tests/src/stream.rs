@@ -399,7 +399,8 @@ pub fn audit(
     let mut origins = HashSet::new();
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for h in dlq.iter().map(|r| &r.headers) {
-        let origin = (h.get(keys::HEADER_ORIGIN_PARTITION).cloned(), h.get(keys::HEADER_ORIGIN_OFFSET).cloned());
+        let origin =
+            (h.get(keys::HEADER_ORIGIN_PARTITION).cloned(), h.get(keys::HEADER_ORIGIN_OFFSET).cloned());
         ensure!(origin.0.is_some() && origin.1.is_some(), "dead letter without origin headers: {h:?}");
         if origins.insert(origin) {
             *reasons.entry(h.get(keys::HEADER_ERROR).cloned().unwrap_or_default()).or_default() += 1;
