@@ -44,3 +44,27 @@ fn doctor_loads_the_configured_runtime() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ORT Build Info"));
 }
+
+#[test]
+fn run_explains_bad_configuration_before_connecting_anywhere() {
+    let out = consumer(&["run"], "");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--model-dir") && err.contains("--engine counting"), "{err}");
+
+    let out = consumer(&["run", "--engine", "counting", "--config", "/nonexistent/consumer.toml"], "");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/consumer.toml"));
+
+    let out = consumer(&["run", "--engine", "counting", "--window-wait", "soon"], "");
+    assert_eq!(out.status.code(), Some(2), "clap rejects a bad duration");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a duration"));
+
+    let help = consumer(&["run", "--help"], "");
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in
+        ["--brokers", "ALIGNX_BROKERS", "--redis-url", "--window-size", "--window-wait", "--kafka-set"]
+    {
+        assert!(text.contains(flag), "--help mentions {flag}");
+    }
+}
