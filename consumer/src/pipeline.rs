@@ -383,7 +383,13 @@ impl Pipeline {
     fn commit(&mut self, consumer: &KafkaConsumer, mode: CommitMode) {
         let mut tpl = TopicPartitionList::new();
         for (p, state) in &self.partitions {
-            if let Some(o) = state.offsets.to_commit() {
+            // An asynchronous commit that failed later is not known here: synchronous
+            // commits (revocation, shutdown) send every partition's mark again.
+            let offset = match mode {
+                CommitMode::Sync => state.offsets.low_water(),
+                CommitMode::Async => state.offsets.to_commit(),
+            };
+            if let Some(o) = offset {
                 let _ = tpl.add_partition_offset(&self.cfg.kafka.input_topic, *p, Offset::Offset(o));
             }
         }
@@ -457,6 +463,9 @@ impl Pipeline {
         for p in partitions {
             self.partitions.remove(p);
         }
+        // Work abandoned at the drain deadline belonged to the revoked partitions; from
+        // here on, retries are for partitions we still own.
+        self.updater.abandon.store(false, Ordering::Relaxed);
         self.draining = false;
         self.paused = false;
         self.readiness.set(!self.partitions.is_empty());
