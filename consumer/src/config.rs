@@ -24,6 +24,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use alignx_schemas::{Limits, defaults, keys};
+
+use crate::onnx_model::DeviceChoice;
+use crate::sampler::SamplingParams;
 use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,8 @@ pub struct RunConfig {
     /// Idle users whose state stays cached (beyond it, idle users are forgotten and read
     /// back from Redis when they return).
     pub max_cached_users: usize,
+    /// ONNX Runtime library (default: `ORT_DYLIB_PATH`, then next to the binary).
+    pub ort_library: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -81,6 +86,7 @@ impl Default for RunConfig {
             poll_batch: 8192,
             max_in_flight: 2048,
             max_cached_users: 1_000_000,
+            ort_library: None,
         }
     }
 }
@@ -184,6 +190,15 @@ pub struct EngineConfig {
     pub max_summary_chars: usize,
     /// Store the model's reasoning next to the summary.
     pub keep_reasoning: bool,
+    /// Where the model runs: `auto` (CUDA, else CPU with a warning), `cpu`, `cuda`.
+    pub device: DeviceChoice,
+    /// ONNX Runtime intra-op threads (0: its default, one per core).
+    pub threads: usize,
+    /// Longest generation per update, in tokens.
+    pub max_new_tokens: usize,
+    /// Sampling, overriding `generation_config.json` (absent: its defaults; greedy
+    /// when it does not ask for sampling).
+    pub sampling: Option<SamplingParams>,
 }
 
 impl Default for EngineConfig {
@@ -197,6 +212,10 @@ impl Default for EngineConfig {
             templates: None,
             max_summary_chars: defaults::MAX_SUMMARY_CHARS,
             keep_reasoning: false,
+            device: DeviceChoice::Auto,
+            threads: 0,
+            max_new_tokens: 512,
+            sampling: None,
         }
     }
 }
@@ -323,6 +342,18 @@ pub struct RunArgs {
     /// Longest a signal waits for its window to fill, e.g. `30s`, `500ms` [default: 30s].
     #[arg(long, env = "ALIGNX_WINDOW_WAIT", value_parser = parse_duration)]
     pub window_wait: Option<Duration>,
+    /// ONNX Runtime library file [default: $ORT_DYLIB_PATH, then next to this binary].
+    #[arg(long, env = "ALIGNX_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
+    /// Where the model runs [default: auto: CUDA when usable, else CPU].
+    #[arg(long, env = "ALIGNX_DEVICE", value_enum)]
+    pub device: Option<DeviceChoice>,
+    /// ONNX Runtime intra-op threads; 0 = one per core [default: 0].
+    #[arg(long, env = "ALIGNX_ENGINE_THREADS")]
+    pub engine_threads: Option<usize>,
+    /// Longest generation per update, in tokens [default: 512].
+    #[arg(long, env = "ALIGNX_MAX_NEW_TOKENS")]
+    pub max_new_tokens: Option<usize>,
     /// Users per engine call [default: 32].
     #[arg(long, env = "ALIGNX_BATCH_SIZE")]
     pub batch_size: Option<usize>,
@@ -427,6 +458,12 @@ impl RunConfig {
         set(&mut self.window.max_signals, a.window_size);
         set(&mut self.window.max_wait, a.window_wait);
         set(&mut self.engine.batch_size, a.batch_size);
+        set(&mut self.engine.device, a.device);
+        if a.ort_library.is_some() {
+            self.ort_library = a.ort_library;
+        }
+        set(&mut self.engine.threads, a.engine_threads);
+        set(&mut self.engine.max_new_tokens, a.max_new_tokens);
         set(&mut self.engine.concurrency, a.concurrency);
         set(&mut self.commit_interval, a.commit_interval);
         set(&mut self.poll_batch, a.poll_batch);
@@ -441,6 +478,9 @@ impl RunConfig {
         }
         if self.poll_batch == 0 {
             return bad("poll_batch must be at least 1".into());
+        }
+        if self.engine.max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1".into());
         }
         if self.engine.batch_size == 0 || self.engine.concurrency == 0 {
             return bad("engine batch size and concurrency must be at least 1".into());

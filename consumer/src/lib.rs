@@ -12,6 +12,10 @@
 //! - [`update`]: one batch of updates: prompt → engine → answer → store → log.
 //! - [`sink`]: the Kafka producer for dead letters, inference-log records and summaries.
 //! - [`redis_conn`]: one reconnecting Redis connection type, single node or cluster.
+//! - [`onnx_model`]: a model directory's ONNX graph (interface discovered from the file),
+//!   execution provider choice, batched KV-cached generation.
+//! - [`onnx_engine`]: the pipeline's `Engine` on it: tokenise, generate, stop strings.
+//! - [`sampler`]: greedy / temperature / top-k / top-p / repetition penalty, seeded.
 //! - [`engine`]: the `Engine` trait between pipeline and model, and the deterministic
 //!   `CountingEngine` for pipeline tests and benchmarks.
 //! - [`metrics`]: the Prometheus metrics of DESIGN.md §3.6 and the `/metrics`,
@@ -28,9 +32,12 @@ pub mod engine;
 pub mod ingest;
 pub mod metrics;
 pub mod offsets;
+pub mod onnx_engine;
+pub mod onnx_model;
 pub mod onnx_runtime;
 pub mod pipeline;
 pub mod redis_conn;
+pub mod sampler;
 pub mod sink;
 pub mod store;
 pub mod update;

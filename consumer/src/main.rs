@@ -10,7 +10,11 @@ use std::sync::atomic::AtomicBool;
 
 use alignx_consumer::config::{EngineKind, RunArgs, RunConfig};
 use alignx_consumer::engine::{CountingEngine, Engine};
+use alignx_consumer::metrics::Metrics;
+use alignx_consumer::onnx_engine::OnnxEngine;
+use alignx_consumer::onnx_model::DeviceChoice;
 use alignx_consumer::pipeline::{self, Exit};
+use alignx_consumer::sampler::SamplingParams;
 use alignx_consumer::{onnx_runtime, validate_cmd};
 use alignx_schemas::Limits;
 use anyhow::Context;
@@ -36,6 +40,9 @@ enum Command {
     /// Consume signals and keep every user's summary current (runs until SIGTERM/SIGINT,
     /// then drains, commits and exits 0; exit 3 when the invalid-message breaker trips).
     Run(Box<RunArgs>),
+    /// Continue a prompt with a model directory, printing the completion (stdout) and
+    /// what it took (stderr): a smoke test of a model before serving it.
+    Generate(GenerateArgs),
     /// Check that ONNX Runtime loads, and say from where.
     Doctor {
         /// ONNX Runtime library file (default: $ORT_DYLIB_PATH, then next to this binary).
@@ -58,6 +65,72 @@ enum Command {
         #[arg(long, default_value_t = Limits::default().max_message_bytes)]
         max_message_bytes: usize,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// Model directory (model.onnx, tokenizer.json, config.json, generation_config.json).
+    #[arg(long, env = "ALIGNX_MODEL_DIR")]
+    model_dir: PathBuf,
+    /// The prompt, exactly as the model sees it; `-` for standard input.
+    #[arg(long)]
+    prompt_file: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Argmax decoding (the default unless a sampling option is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Seed of the sampling RNG (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+    /// ONNX Runtime intra-op threads; 0 = one per core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, env = "ALIGNX_ORT_LIBRARY")]
+    ort_library: Option<PathBuf>,
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
+    let prompt = if a.prompt_file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("read the prompt from stdin")?
+    } else {
+        std::fs::read_to_string(&a.prompt_file)
+            .with_context(|| format!("read {}", a.prompt_file.display()))?
+    };
+    let runtime = onnx_runtime::init(a.ort_library.as_deref())?;
+    let sampled = !a.greedy && (a.temperature.is_some() || a.top_p.is_some() || a.top_k.is_some());
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: if sampled { a.temperature.unwrap_or(1.0) } else { 0.0 },
+        top_k: a.top_k.unwrap_or(0),
+        top_p: a.top_p.unwrap_or(1.0),
+        repetition_penalty: a.repetition_penalty,
+    };
+    let engine = OnnxEngine::load(runtime, &a.model_dir, a.device, a.threads, Some(params), a.max_new_tokens)
+        .with_context(|| format!("load the model in {}", a.model_dir.display()))?;
+    let started = std::time::Instant::now();
+    let (mut done, _) = engine.complete(&[prompt], &[params], &[a.seed])?;
+    let c = done.remove(0);
+    let (text, finish, prompt_tokens, generated) = (c.text, c.finish, c.prompt_tokens, c.generated_tokens);
+    let seconds = started.elapsed().as_secs_f64();
+    print!("{text}");
+    eprintln!(
+        "\n[{} on {}: {prompt_tokens} prompt tokens, {generated} generated ({finish:?}) in {seconds:.2}s, {:.1} tokens/s]",
+        engine.model_id(),
+        engine.provider(),
+        generated as f64 / seconds
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn doctor(ort_library: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -91,17 +164,23 @@ fn validate(input: PathBuf, limits: Limits) -> anyhow::Result<ExitCode> {
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = RunConfig::load(args)?;
+    let metrics = Metrics::new();
     let engine: Arc<dyn Engine> = match cfg.engine.kind {
         EngineKind::Counting => {
             tracing::warn!("engine `counting`: summaries count signal kinds; no model runs");
             Arc::new(CountingEngine)
         }
-        EngineKind::Onnx => anyhow::bail!(
-            "the ONNX Runtime engine is not in this build yet; `--engine counting` runs the \
-             pipeline with the deterministic counting engine"
-        ),
+        EngineKind::Onnx => {
+            let dir = cfg.engine.model_dir.as_deref().context("--engine onnx needs --model-dir")?;
+            let runtime = onnx_runtime::init(cfg.ort_library.as_deref())?;
+            let e = &cfg.engine;
+            let engine = OnnxEngine::load(runtime, dir, e.device, e.threads, e.sampling, e.max_new_tokens)
+                .with_context(|| format!("load the model in {}", dir.display()))?;
+            tracing::info!(model = engine.model_id(), provider = engine.provider(), "model loaded");
+            Arc::new(engine.with_metrics(metrics.clone()))
+        }
     };
-    match pipeline::run(cfg, engine, Arc::new(AtomicBool::new(false)))? {
+    match pipeline::run(cfg, engine, metrics, Arc::new(AtomicBool::new(false)))? {
         Exit::Shutdown => Ok(ExitCode::SUCCESS),
         Exit::InvalidRatio(reason) => {
             tracing::error!("invalid-message circuit breaker: {reason}");
@@ -118,6 +197,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
+        Command::Generate(args) => generate(args),
         Command::Doctor { ort_library } => doctor(ort_library),
         Command::Validate { input, max_id_bytes, max_text_bytes, max_message_bytes } => {
             validate(input, Limits { max_id_bytes, max_text_bytes, max_message_bytes })

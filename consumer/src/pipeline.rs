@@ -539,10 +539,14 @@ fn lock(p: &Mutex<Pipeline>) -> std::sync::MutexGuard<'_, Pipeline> {
 
 /// Runs the consumer until SIGTERM/SIGINT (or `stop`), or until the invalid-message
 /// breaker trips.
-pub fn run(cfg: RunConfig, engine: Arc<dyn Engine>, stop: Arc<AtomicBool>) -> anyhow::Result<Exit> {
+pub fn run(
+    cfg: RunConfig,
+    engine: Arc<dyn Engine>,
+    metrics: Metrics,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Exit> {
     let cfg = Arc::new(cfg);
     let rt = Runtime::new().context("start the async runtime")?;
-    let metrics = Metrics::new();
     let readiness = Readiness::default();
     metrics.model_info.with_label_values(&[engine.model_id(), engine.provider()]).set(1);
 

@@ -1,0 +1,207 @@
+//! The pipeline's [`Engine`] on a model directory run with ONNX Runtime: tokenise the
+//! rendered prompts, generate in one batch, stop at EOS or a stop string of DESIGN.md §5,
+//! decode. Parsing `<answer>` stays with the pipeline.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::engine::{Engine, EngineError, Generation, UpdateRequest};
+use crate::metrics::Metrics;
+use crate::onnx_model::{DeviceChoice, Finish, ModelError, OnnxModel, Timings};
+use crate::onnx_runtime::OrtRuntime;
+use crate::sampler::SamplingParams;
+
+/// Generation stops once the decoded continuation ends with one of these (kept in the
+/// text: answer parsing wants the `</answer>`), or at EOS.
+pub const STOP_STRINGS: [&str; 5] = ["</answer>", "User:", "Human:", "Assistant:", "<|im_end|>"];
+
+/// Tokens decoded from the end of a continuation to look for a stop string: enough for
+/// the longest one even at one byte per token.
+const STOP_WINDOW: usize = 16;
+
+/// One finished prompt of [`OnnxEngine::complete`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The continuation (EOS removed, a stop string kept).
+    pub text: String,
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+}
+
+pub struct OnnxEngine {
+    model: OnnxModel,
+    tokenizer: tokenizers::Tokenizer,
+    bos: String,
+    model_id: String,
+    params: SamplingParams,
+    metrics: Option<Metrics>,
+}
+
+#[derive(Deserialize)]
+struct TokenizerConfig {
+    #[serde(default)]
+    bos_token: Option<TokenText>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TokenText {
+    Plain(String),
+    Added { content: String },
+}
+
+impl OnnxEngine {
+    /// Loads a model directory. `params` overrides `generation_config.json`'s sampling
+    /// defaults field by field when given.
+    pub fn load(
+        runtime: &OrtRuntime,
+        dir: &Path,
+        device: DeviceChoice,
+        threads: usize,
+        params: Option<SamplingParams>,
+        max_new_tokens: usize,
+    ) -> Result<Self, ModelError> {
+        let model = OnnxModel::load(runtime, dir, device, threads)?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(ModelError::Missing { dir: dir.to_owned(), what: "tokenizer.json".into() });
+        }
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| ModelError::BadFile {
+            dir: dir.to_owned(),
+            file: "tokenizer.json",
+            message: e.to_string(),
+        })?;
+        // The BOS text is what Hugging Face's `tokenizer.bos_token` is: from
+        // tokenizer_config.json, empty when it has none.
+        let bos = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<TokenizerConfig>(&t).ok())
+            .and_then(|c| c.bos_token)
+            .map(|t| match t {
+                TokenText::Plain(s) => s,
+                TokenText::Added { content } => content,
+            })
+            .unwrap_or_default();
+        let mut params = params.unwrap_or(model.defaults);
+        params.max_new_tokens = max_new_tokens;
+        let model_id = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Self { model, tokenizer, bos, model_id, params, metrics: None })
+    }
+
+    /// Reports engine time by phase to these metrics.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn model(&self) -> &OnnxModel {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        // The prompt already starts with the BOS text; add nothing.
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| EngineError::Failed(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    fn decode(&self, tokens: &[u32]) -> Result<String, EngineError> {
+        self.tokenizer.decode(tokens, false).map_err(|e| EngineError::Failed(e.to_string()))
+    }
+
+    /// Generates for prompt texts with explicit parameters and seeds (the `generate`
+    /// command and benchmarks).
+    pub fn complete(
+        &self,
+        prompts: &[String],
+        params: &[SamplingParams],
+        seeds: &[u64],
+    ) -> Result<(Vec<Completion>, Timings), EngineError> {
+        let mut encoded = Vec::with_capacity(prompts.len());
+        let mut params = params.to_vec();
+        for (p, params) in prompts.iter().zip(params.iter_mut()) {
+            let ids = self.encode(p)?;
+            if let Some(max) = self.model.max_positions {
+                // Never past the model's context: fewer new tokens, at least one.
+                if ids.len() >= max {
+                    return Err(EngineError::Failed(format!(
+                        "prompt of {} tokens does not fit the model's context of {max}",
+                        ids.len()
+                    )));
+                }
+                params.max_new_tokens = params.max_new_tokens.min(max - ids.len());
+            }
+            encoded.push(ids);
+        }
+        let stop = |_: usize, tokens: &[u32]| {
+            let tail = &tokens[tokens.len().saturating_sub(STOP_WINDOW)..];
+            self.tokenizer
+                .decode(tail, false)
+                .is_ok_and(|text| STOP_STRINGS.iter().any(|s| text.ends_with(s)))
+        };
+        let (outputs, timings) = self
+            .model
+            .generate(&encoded, &params, seeds, stop)
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
+        let mut out = Vec::with_capacity(outputs.len());
+        for (o, prompt) in outputs.into_iter().zip(&encoded) {
+            let body = match o.finish {
+                Finish::Eos => &o.tokens[..o.tokens.len() - 1],
+                _ => &o.tokens[..],
+            };
+            out.push(Completion {
+                text: self.decode(body)?,
+                finish: o.finish,
+                prompt_tokens: prompt.len(),
+                generated_tokens: o.tokens.len(),
+            });
+        }
+        Ok((out, timings))
+    }
+}
+
+impl Engine for OnnxEngine {
+    fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    fn bos(&self) -> &str {
+        &self.bos
+    }
+
+    fn provider(&self) -> &str {
+        self.model.provider
+    }
+
+    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError> {
+        let prompts: Vec<String> = batch.iter().map(|r| r.prompt.clone()).collect();
+        let params = vec![self.params; batch.len()];
+        let seeds: Vec<u64> = batch.iter().map(|r| r.seed).collect();
+        let (done, timings) = self.complete(&prompts, &params, &seeds)?;
+        if let Some(m) = &self.metrics {
+            m.engine_seconds.with_label_values(&["prefill"]).observe(timings.prefill_s);
+            m.engine_seconds.with_label_values(&["decode"]).observe(timings.decode_s + timings.sampling_s);
+        }
+        Ok(done
+            .into_iter()
+            .map(|c| Generation {
+                text: c.text,
+                prompt_tokens: c.prompt_tokens as u64,
+                generated_tokens: c.generated_tokens as u64,
+            })
+            .collect())
+    }
+}

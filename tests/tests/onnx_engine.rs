@@ -1,0 +1,223 @@
+//! The consumer's ONNX Runtime generation against the trainer's tch generation of the
+//! same weights: greedy decoding must agree token for token, at batch 1 and batched with
+//! prompts of different lengths (left padding, rows leaving the batch as they finish).
+//! Also the `Engine` adapter (BOS from the tokenizer config, stop strings) and the
+//! `generate` command.
+
+use std::path::Path;
+
+use alignx_consumer::engine::{Engine, UpdateRequest};
+use alignx_consumer::onnx_engine::OnnxEngine;
+use alignx_consumer::onnx_model::{DeviceChoice, Finish, OnnxModel};
+use alignx_consumer::onnx_runtime;
+use alignx_consumer::sampler::SamplingParams;
+use alignx_trainer::generate::{self, SamplingParams as TchParams};
+use alignx_trainer::init::{Preset, init};
+use alignx_trainer::model_dir::{self, Dtype};
+use alignx_trainer::onnx::export::{self, ExportDtype};
+use tch::Device;
+
+/// A tiny random model (its tokenizer trained on a small corpus) and its ONNX export.
+fn tiny(dir: &Path, dtype: ExportDtype) -> (std::path::PathBuf, std::path::PathBuf) {
+    let corpus = dir.join("corpus.txt");
+    let text: String = (0..400)
+        .map(|i| {
+            format!(
+                "User {i} likes short answers with examples; <answer>concise</answer> Assistant: <think> ok "
+            )
+        })
+        .collect();
+    std::fs::write(&corpus, text).unwrap();
+    let model = dir.join("model");
+    init(&corpus, &Preset::Tiny.shape(), 3, &model, false).unwrap();
+    let onnx = dir.join(format!("onnx-{dtype:?}"));
+    export::export(&model, &onnx, dtype, false).unwrap();
+    (model, onnx)
+}
+
+#[test]
+fn greedy_generation_matches_the_trainer_token_for_token() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    let loaded = model_dir::load(&model_dir, Device::Cpu, Dtype::Fp32).unwrap();
+    let runtime = onnx_runtime::init(None).unwrap();
+    let onnx = OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1).unwrap();
+    assert_eq!(onnx.provider, "cpu");
+
+    let texts = [
+        "A conversation between User and Assistant. User: likes",
+        "short",
+        "User 7 likes short answers with examples; <answer>",
+        "Assistant: <think> the user 12 likes",
+    ];
+    let prompts: Vec<Vec<u32>> =
+        texts.iter().map(|t| loaded.tokenizer.encode(*t, false).unwrap().get_ids().to_vec()).collect();
+    let max_new = 24;
+    let tch_out = |ps: &[Vec<u32>]| -> Vec<Vec<u32>> {
+        let ids: Vec<Vec<i64>> = ps.iter().map(|p| p.iter().map(|&t| i64::from(t)).collect()).collect();
+        generate::generate(
+            &loaded.model,
+            &ids,
+            &TchParams::greedy(max_new),
+            &loaded.eos,
+            |_, _| false,
+            Device::Cpu,
+        )
+        .into_iter()
+        .map(|g| g.tokens.into_iter().map(|t| t as u32).collect())
+        .collect()
+    };
+    let ort_out = |ps: &[Vec<u32>]| -> Vec<Vec<u32>> {
+        let params = vec![SamplingParams::greedy(max_new); ps.len()];
+        let seeds = vec![0; ps.len()];
+        let (out, timings) = onnx.generate(ps, &params, &seeds, |_, _| false).unwrap();
+        assert!(timings.prefill_s > 0.0);
+        out.into_iter().map(|o| o.tokens).collect()
+    };
+    for p in &prompts {
+        assert_eq!(ort_out(std::slice::from_ref(p)), tch_out(std::slice::from_ref(p)), "batch 1: {p:?}");
+    }
+    let batched = ort_out(&prompts);
+    println!("lengths: {:?}", batched.iter().map(Vec::len).collect::<Vec<_>>());
+    assert!(
+        batched.iter().filter(|r| r.len() > 5).count() >= 2,
+        "long enough to mean something: {batched:?}"
+    );
+    assert_eq!(batched, tch_out(&prompts), "batched, mixed lengths");
+    // And batching changes nothing for any row.
+    for (p, row) in prompts.iter().zip(&batched) {
+        assert_eq!(&ort_out(std::slice::from_ref(p))[0], row);
+    }
+}
+
+#[test]
+fn fp16_exports_generate_and_rows_finish_independently() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp16);
+    let runtime = onnx_runtime::init(None).unwrap();
+    let onnx = OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1).unwrap();
+    let prompts = vec![vec![5, 6, 7], vec![8, 9]];
+    let params = [SamplingParams::greedy(3), SamplingParams::greedy(9)];
+    let (out, _) = onnx.generate(&prompts, &params, &[1, 2], |_, _| false).unwrap();
+    for (o, p) in out.iter().zip(&params) {
+        assert!(o.finish == Finish::Eos || o.tokens.len() == p.max_new_tokens, "{o:?}");
+    }
+    // Sampling is reproducible from the seed.
+    let sampled = [SamplingParams { temperature: 1.0, top_k: 50, ..SamplingParams::greedy(12) }; 2];
+    let a = onnx.generate(&prompts, &sampled, &[7, 8], |_, _| false).unwrap().0;
+    let b = onnx.generate(&prompts, &sampled, &[7, 8], |_, _| false).unwrap().0;
+    assert_eq!(a, b);
+}
+
+#[test]
+fn the_engine_renders_with_the_models_bos_and_stops_at_stop_strings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    let runtime = onnx_runtime::init(None).unwrap();
+    let engine = OnnxEngine::load(runtime, &onnx_dir, DeviceChoice::Auto, 1, None, 40).unwrap();
+    assert_eq!(engine.bos(), "<|begin_of_text|>", "from tokenizer_config.json");
+    assert_eq!(engine.provider(), "cpu", "no GPU here: auto falls back to the CPU");
+    let request = |seed| UpdateRequest {
+        user_id: "u".into(),
+        prompt: "<|begin_of_text|>A conversation between User and Assistant. User: hi\nAssistant: <think>"
+            .into(),
+        previous_summary: None,
+        kinds: vec![],
+        seed,
+    };
+    let out = engine.generate(&[request(1), request(2)]).unwrap();
+    for g in &out {
+        assert!(g.prompt_tokens > 5 && g.generated_tokens >= 1 && g.generated_tokens <= 40, "{g:?}");
+        // A stop string ends the text if it appears at all.
+        for stop in alignx_consumer::onnx_engine::STOP_STRINGS {
+            if let Some(i) = g.text.find(stop) {
+                assert_eq!(i + stop.len(), g.text.len(), "text continues after {stop:?}: {:?}", g.text);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_model_dir_missing_pieces_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = onnx_runtime::init(None).unwrap();
+    let err = OnnxModel::load(runtime, dir.path(), DeviceChoice::Cpu, 1).err().unwrap();
+    assert!(err.to_string().contains("model.onnx is missing"), "{err}");
+    let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    std::fs::remove_file(onnx_dir.join("tokenizer.json")).unwrap();
+    let err = OnnxEngine::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1, None, 8).err().unwrap();
+    assert!(err.to_string().contains("tokenizer.json is missing"), "{err}");
+    let err = OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cuda, 1).err().unwrap();
+    assert!(err.to_string().contains("CUDA"), "--device cuda fails loudly: {err}");
+}
+
+/// `alignx-consumer run --engine onnx` end to end on a tiny random model: every signal is
+/// consumed (its windows applied or, as this untrained model writes no `<answer>`,
+/// given up after the retries), and the inference log holds the model's real generations.
+#[test]
+fn the_pipeline_serves_an_exported_model() {
+    use alignx_schemas::inference_log::InferenceLogRecord;
+    use alignx_schemas::keys::{self, UserKeys};
+    use alignx_tests::services::{http_get, start_redis, start_tansu};
+    use alignx_tests::stream::{ConsumerProcess, create_topics, expected_counts, produce, read_topic, scenario};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    let broker = start_tansu().unwrap();
+    let brokers = broker.addr().to_string();
+    create_topics(&brokers, 2).unwrap();
+    let redis = start_redis().unwrap();
+    let redis_url = format!("redis://{}/", redis.addr());
+    let messages = scenario(6, 24, 0, 3);
+    produce(&brokers, &messages).unwrap();
+    let model = onnx_dir.to_str().unwrap();
+    let mut consumer = ConsumerProcess::start(
+        &brokers,
+        &redis_url,
+        &["--engine", "onnx", "--model-dir", model, "--device", "cpu", "--max-new-tokens", "12", "--window-size", "2"],
+    )
+    .unwrap();
+
+    let expected = expected_counts(&messages);
+    let want: u64 = expected.values().map(|c| c.iter().sum::<u64>()).sum();
+    let mut r = redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        assert!(consumer.is_running(), "{}", consumer.log());
+        let mut consumed = 0u64;
+        for user in expected.keys() {
+            let (applied, failed): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+                .arg(UserKeys::new(user).summary)
+                .arg("signals_applied")
+                .arg("signals_failed")
+                .query(&mut r)
+                .unwrap();
+            consumed += applied.unwrap_or(0) + failed.unwrap_or(0);
+        }
+        if consumed == want {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{consumed} of {want} consumed:\n{}", consumer.log());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let log = read_topic(&brokers, keys::INFERENCE_LOG_TOPIC).unwrap();
+    assert!(!log.is_empty());
+    for record in &log {
+        let rec: InferenceLogRecord = serde_json::from_slice(&record.payload).unwrap();
+        assert_eq!(rec.model, "onnx-Fp32", "the model directory names the version");
+        assert!(rec.prompt.starts_with("<|begin_of_text|>A conversation between User and Assistant."));
+        assert!(rec.prompt.ends_with("\nAssistant: <think>"));
+        assert!(rec.generated_tokens >= 1 && rec.generated_tokens <= 12, "{rec:?}");
+        assert!(!rec.generation.is_empty());
+    }
+    let (_, metrics) = http_get(consumer.metrics, "/metrics").unwrap();
+    assert!(metrics.contains(r#"alignx_model_info{model="onnx-Fp32",provider="cpu"} 1"#), "{metrics}");
+    let prefills = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"alignx_engine_seconds_count{phase="prefill"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(prefills > 0.0, "engine time is measured by phase");
+    assert!(consumer.terminate(std::time::Duration::from_secs(30)).unwrap().success());
+}
