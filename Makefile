@@ -27,6 +27,7 @@ demo: build
 bench: setup
 	$(ENV) cargo bench -p alignx-trainer --bench trainer -- $(CURDIR)/target/bench/trainer.json
 	$(ENV) cargo bench -p alignx-tests --bench onnx -- $(CURDIR)/target/bench/onnx.json
+	$(ENV) cargo bench -p alignx-tests --bench engine -- $(CURDIR)/target/bench/engine.json
 	$(ENV) cargo build --release -p alignx-consumer --bin alignx-consumer
 	$(ENV) cargo bench -p alignx-tests --bench pipeline -- $(CURDIR)/target/bench/pipeline.json
 

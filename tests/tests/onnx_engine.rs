@@ -160,7 +160,9 @@ fn the_pipeline_serves_an_exported_model() {
     use alignx_schemas::inference_log::InferenceLogRecord;
     use alignx_schemas::keys::{self, UserKeys};
     use alignx_tests::services::{http_get, start_redis, start_tansu};
-    use alignx_tests::stream::{ConsumerProcess, create_topics, expected_counts, produce, read_topic, scenario};
+    use alignx_tests::stream::{
+        ConsumerProcess, create_topics, expected_counts, produce, read_topic, scenario,
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
@@ -175,7 +177,18 @@ fn the_pipeline_serves_an_exported_model() {
     let mut consumer = ConsumerProcess::start(
         &brokers,
         &redis_url,
-        &["--engine", "onnx", "--model-dir", model, "--device", "cpu", "--max-new-tokens", "12", "--window-size", "2"],
+        &[
+            "--engine",
+            "onnx",
+            "--model-dir",
+            model,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "12",
+            "--window-size",
+            "2",
+        ],
     )
     .unwrap();
 

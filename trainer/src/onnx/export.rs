@@ -255,8 +255,11 @@ fn build(vars: &std::collections::HashMap<String, Tensor>, c: &Config, dtype: Ex
         Rope { cos, sin, half: g.i64s(&[d / 2]), full: g.i64s(&[d]), zero: g.i64s(&[0]), axis: g.i64s(&[3]) };
     let split_heads = g.i64s(&[0, 0, heads, d]);
     let split_kv = g.i64s(&[0, 0, kv, d]);
-    let expand = g.i64s(&[1, 1, heads / kv, 1, 1]);
+    let group_rows = g.i64s(&[0, kv, -1, d]);
     let merge_heads = g.i64s(&[0, heads, -1, d]);
+    // The mask once per forward, repeated for the query heads sharing a key/value head.
+    let tiles = g.i64s(&[1, 1, heads / kv, 1]);
+    let group_bias = g.op("Tile", &[&bias, &tiles], vec![]);
     let merge_out = g.i64s(&[0, 0, heads * d]);
     let scale = g.f32_scalar(1.0 / (d as f32).sqrt());
 
@@ -294,25 +297,25 @@ fn build(vars: &std::collections::HashMap<String, Tensor>, c: &Config, dtype: Ex
         let (ok, ov) = (format!("present.{i}.key"), format!("present.{i}.value"));
         g.op_named("Concat", &[&pk, &k], &ok, vec![attr_int("axis", 2)]);
         g.op_named("Concat", &[&pv, &val], &ov, vec![attr_int("axis", 2)]);
-        // Grouped-query attention: repeat each key/value head for its query heads.
-        let repeat = |g: &mut Graph, t: &str| {
-            let u = g.op("Unsqueeze", &[t, &ax2], vec![]);
-            let e = g.op("Expand", &[&u, &expand], vec![]);
-            g.op("Reshape", &[&e, &merge_heads], vec![])
-        };
-        let (kr, vr) = (repeat(&mut g, &ok), repeat(&mut g, &ov));
-        let kt = g.op("Transpose", &[&kr], vec![ints("perm", &[0, 1, 3, 2])]);
+        // Grouped-query attention without copying the cache per query head: the
+        // `group` query heads of each key/value head become extra query rows,
+        // [b, heads, s, d] → [b, kv, group·s, d] (head h = kv_head·group + g, as
+        // HF's repeat_kv orders them), and the mask is tiled to match. The cache is
+        // then read in place by the MatMuls (ONNX Runtime fuses the transpose).
+        let qg = g.op("Reshape", &[&q, &group_rows], vec![]);
+        let kt = g.op("Transpose", &[&ok], vec![ints("perm", &[0, 1, 3, 2])]);
         let (q32, kt32) = if dtype == ExportDtype::Fp32 {
-            (q, kt)
+            (qg, kt)
         } else {
-            (g.cast(&q, data_type::FLOAT), g.cast(&kt, data_type::FLOAT))
+            (g.cast(&qg, data_type::FLOAT), g.cast(&kt, data_type::FLOAT))
         };
         let scores = g.op("MatMul", &[&q32, &kt32], vec![]);
         let scores = g.op("Mul", &[&scores, &scale], vec![]);
-        let scores = g.op("Add", &[&scores, &bias], vec![]);
+        let scores = g.op("Add", &[&scores, &group_bias], vec![]);
         let probs = g.op("Softmax", &[&scores], vec![attr_int("axis", -1)]);
         let probs = if dtype == ExportDtype::Fp32 { probs } else { g.cast(&probs, elem) };
-        let attn = g.op("MatMul", &[&probs, &vr], vec![]);
+        let attn = g.op("MatMul", &[&probs, &ov], vec![]);
+        let attn = g.op("Reshape", &[&attn, &merge_heads], vec![]);
         let attn = g.op("Transpose", &[&attn], vec![perm()]);
         let attn = g.op("Reshape", &[&attn, &merge_out], vec![]);
         let wo = g.weight(&p("self_attn.o_proj.weight"), &v(&p("self_attn.o_proj.weight")), true);

@@ -1,0 +1,201 @@
+//! `make bench` (engine part): generation tokens/s of the consumer's ONNX Runtime engine
+//! at batch 1, 8 and 32, side by side in one run with the same weights generated
+//! (a) by ONNX Runtime without a KV cache (the whole sequence recomputed per token) and
+//! (b) by the trainer's tch generation — one CPU thread each, greedy, 200-token prompts,
+//! 128 new tokens, a ~5M-parameter Qwen2 (hidden 256, 4 layers, vocab 4096). Also where
+//! the engine's time goes (prefill, decode, sampling; tokenisation measured apart).
+//! JSON to the path given as the first argument.
+
+use std::path::Path;
+use std::time::Instant;
+
+use alignx_consumer::onnx_model::{DeviceChoice, OnnxModel};
+use alignx_consumer::onnx_runtime;
+use alignx_consumer::sampler::{SamplingParams, argmax};
+use alignx_trainer::generate::{self, SamplingParams as TchParams};
+use alignx_trainer::init::{Shape, init};
+use alignx_trainer::model_dir::{self, Dtype};
+use alignx_trainer::onnx::export::{self, ExportDtype};
+use alignx_trainer::rng::Rng;
+use ort::value::{DynValue, Tensor};
+use serde_json::{Value, json};
+
+const PROMPT: usize = 200;
+const NEW: usize = 128;
+
+fn corpus(path: &Path) {
+    let syllables =
+        ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "xe", "du", "fa", "gi", "he", "jo", "qu", "ve"];
+    let mut rng = Rng::new(1);
+    let mut text = String::new();
+    for _ in 0..60_000 {
+        let n = 1 + rng.next_u64() % 4;
+        for _ in 0..n {
+            text.push_str(syllables[(rng.next_u64() % syllables.len() as u64) as usize]);
+        }
+        text.push(if rng.next_u64() % 12 == 0 { '\n' } else { ' ' });
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// No generation stops early: EOS removed from the served configs.
+fn without_eos(dir: &Path) {
+    for file in ["config.json", "generation_config.json"] {
+        let path = dir.join(file);
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("eos_token_id");
+        std::fs::write(&path, v.to_string()).unwrap();
+    }
+}
+
+fn prompts(batch: usize, vocab: u64) -> Vec<Vec<u32>> {
+    let mut rng = Rng::new(batch as u64);
+    (0..batch).map(|_| (0..PROMPT).map(|_| 10 + (rng.next_u64() % (vocab - 10)) as u32).collect()).collect()
+}
+
+/// ONNX Runtime without a KV cache: every step runs the whole sequence (empty past).
+fn no_cache(
+    session: &mut ort::session::Session,
+    layers: usize,
+    kv_heads: i64,
+    head_dim: i64,
+    prompt: &[u32],
+) -> usize {
+    let mut ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+    for _ in 0..NEW {
+        let n = ids.len() as i64;
+        let mut inputs: Vec<(String, DynValue)> = vec![
+            ("input_ids".into(), Tensor::from_array((vec![1, n], ids.clone())).unwrap().into_dyn()),
+            (
+                "attention_mask".into(),
+                Tensor::from_array((vec![1, n], vec![1i64; n as usize])).unwrap().into_dyn(),
+            ),
+            (
+                "position_ids".into(),
+                Tensor::from_array((vec![1, n], (0..n).collect::<Vec<i64>>())).unwrap().into_dyn(),
+            ),
+        ];
+        for i in 0..layers {
+            for kind in ["key", "value"] {
+                let empty = Tensor::from_array((vec![1, kv_heads, 0, head_dim], Vec::<f32>::new())).unwrap();
+                inputs.push((format!("past_key_values.{i}.{kind}"), empty.into_dyn()));
+            }
+        }
+        let out = session.run(inputs).unwrap();
+        let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
+        let vocab = shape[2] as usize;
+        let last = &logits[(n as usize - 1) * vocab..n as usize * vocab];
+        ids.push(argmax(last) as i64);
+    }
+    NEW
+}
+
+fn main() {
+    let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/engine.json".into());
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus_path = dir.path().join("corpus.txt");
+    corpus(&corpus_path);
+    let shape = Shape {
+        hidden_size: 256,
+        intermediate_size: 1024,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        vocab_size: 4096,
+        max_position_embeddings: 1024,
+        tie_word_embeddings: true,
+    };
+    let model_dir = dir.path().join("model");
+    let config = init(&corpus_path, &shape, 0, &model_dir, false).unwrap();
+    let onnx_dir = dir.path().join("onnx");
+    export::export(&model_dir, &onnx_dir, ExportDtype::Fp32, false).unwrap();
+    without_eos(&onnx_dir);
+    let vocab = config.vocab_size as u64;
+    let loaded = model_dir::load(&model_dir, tch::Device::Cpu, Dtype::Fp32).unwrap();
+    let params: i64 = loaded.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    eprintln!("model: {params} parameters, vocab {vocab}");
+
+    let runtime = onnx_runtime::init(None).unwrap();
+    let model = OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1).unwrap();
+    let mut rows = Vec::new();
+    for batch in [1usize, 8, 32] {
+        let ps = prompts(batch, vocab);
+        let greedy = vec![SamplingParams::greedy(NEW); batch];
+        let t = Instant::now();
+        let (outs, timings) = model.generate(&ps, &greedy, &vec![0; batch], |_, _| false).unwrap();
+        let ort_s = t.elapsed().as_secs_f64();
+        let ort_tokens: usize = outs.iter().map(|o| o.tokens.len()).sum();
+
+        let ids: Vec<Vec<i64>> = ps.iter().map(|p| p.iter().map(|&t| i64::from(t)).collect()).collect();
+        let t = Instant::now();
+        let tch_out = generate::generate(
+            &loaded.model,
+            &ids,
+            &TchParams::greedy(NEW),
+            &[],
+            |_, _| false,
+            tch::Device::Cpu,
+        );
+        let tch_s = t.elapsed().as_secs_f64();
+        let tch_tokens: usize = tch_out.iter().map(|g| g.tokens.len()).sum();
+        let same = outs
+            .iter()
+            .zip(&tch_out)
+            .all(|(o, g)| o.tokens.iter().map(|&t| i64::from(t)).eq(g.tokens.iter().copied()));
+
+        let row = json!({
+            "batch": batch,
+            "onnx_kv_cache": { "tokens": ort_tokens, "seconds": ort_s, "tokens_per_second": ort_tokens as f64 / ort_s,
+                "prefill_seconds": timings.prefill_s, "decode_seconds": timings.decode_s, "sampling_seconds": timings.sampling_s },
+            "tch": { "tokens": tch_tokens, "seconds": tch_s, "tokens_per_second": tch_tokens as f64 / tch_s },
+            "onnx_vs_tch": (ort_tokens as f64 / ort_s) / (tch_tokens as f64 / tch_s),
+            "greedy_tokens_identical": same,
+        });
+        eprintln!("{row}");
+        rows.push(row);
+    }
+    // Without a KV cache, batch 1 (it is slow).
+    let mut session = runtime
+        .session_builder()
+        .unwrap()
+        .with_intra_threads(1)
+        .unwrap()
+        .commit_from_file(onnx_dir.join("model.onnx"))
+        .unwrap();
+    let p = &prompts(1, vocab)[0];
+    let t = Instant::now();
+    let n = no_cache(&mut session, 4, 2, 64, p);
+    let no_cache_s = t.elapsed().as_secs_f64();
+    let no_cache_tps = n as f64 / no_cache_s;
+    let batch1 = rows[0]["onnx_kv_cache"]["tokens_per_second"].as_f64().unwrap();
+
+    // Tokenisation, apart: encoding a ~200-token prompt and decoding 128 tokens.
+    let text: String = std::fs::read_to_string(&corpus_path).unwrap().chars().take(700).collect();
+    let tokenizer = &loaded.tokenizer;
+    let t = Instant::now();
+    let reps = 200;
+    let mut encoded = 0;
+    for _ in 0..reps {
+        encoded = tokenizer.encode(text.as_str(), false).unwrap().get_ids().len();
+    }
+    let encode_s = t.elapsed().as_secs_f64() / reps as f64;
+    let t = Instant::now();
+    for _ in 0..reps {
+        tokenizer.decode(&p[..NEW], false).unwrap();
+    }
+    let decode_s = t.elapsed().as_secs_f64() / reps as f64;
+
+    let report = json!({
+        "model": { "parameters": params, "hidden": 256, "layers": 4, "vocab": vocab, "dtype": "fp32" },
+        "threads": 1, "prompt_tokens": PROMPT, "new_tokens": NEW, "sampling": "greedy",
+        "batches": rows,
+        "onnx_no_kv_cache_batch1": { "tokens_per_second": no_cache_tps, "seconds": no_cache_s },
+        "kv_cache_speedup_batch1": batch1 / no_cache_tps,
+        "tokenization": { "encode_prompt_seconds": encode_s, "prompt_tokens": encoded, "decode_128_tokens_seconds": decode_s },
+        "peer_hf_transformers_reference_tokens_per_second": { "batch1": 235.0, "batch32": 1600.0, "batch1_no_cache": 36.0 },
+    });
+    std::fs::create_dir_all(Path::new(&out).parent().unwrap()).unwrap();
+    std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
