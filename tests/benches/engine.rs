@@ -33,7 +33,7 @@ fn corpus(path: &Path) {
         for _ in 0..n {
             text.push_str(syllables[(rng.next_u64() % syllables.len() as u64) as usize]);
         }
-        text.push(if rng.next_u64() % 12 == 0 { '\n' } else { ' ' });
+        text.push(if rng.next_u64().is_multiple_of(12) { '\n' } else { ' ' });
     }
     std::fs::write(path, text).unwrap();
 }
@@ -83,8 +83,8 @@ fn no_cache(
         }
         let out = session.run(inputs).unwrap();
         let (shape, logits) = out["logits"].try_extract_tensor::<f32>().unwrap();
-        let vocab = shape[2] as usize;
-        let last = &logits[(n as usize - 1) * vocab..n as usize * vocab];
+        let (seq, vocab) = (shape[1] as usize, shape[2] as usize);
+        let last = &logits[(seq - 1) * vocab..seq * vocab];
         ids.push(argmax(last) as i64);
     }
     NEW
@@ -109,7 +109,13 @@ fn main() {
     let model_dir = dir.path().join("model");
     let config = init(&corpus_path, &shape, 0, &model_dir, false).unwrap();
     let onnx_dir = dir.path().join("onnx");
-    export::export(&model_dir, &onnx_dir, ExportDtype::Fp32, false).unwrap();
+    // Served as the consumer would be: logits for the last position only.
+    let options = export::ExportOptions {
+        dtype: ExportDtype::Fp32,
+        logits: export::Logits::Last,
+        ..Default::default()
+    };
+    export::export(&model_dir, &onnx_dir, &options).unwrap();
     without_eos(&onnx_dir);
     let vocab = config.vocab_size as u64;
     let loaded = model_dir::load(&model_dir, tch::Device::Cpu, Dtype::Fp32).unwrap();
@@ -187,7 +193,7 @@ fn main() {
     let decode_s = t.elapsed().as_secs_f64() / reps as f64;
 
     let report = json!({
-        "model": { "parameters": params, "hidden": 256, "layers": 4, "vocab": vocab, "dtype": "fp32" },
+        "model": { "parameters": params, "hidden": 256, "layers": 4, "vocab": vocab, "dtype": "fp32", "export_logits": "last" },
         "threads": 1, "prompt_tokens": PROMPT, "new_tokens": NEW, "sampling": "greedy",
         "batches": rows,
         "onnx_no_kv_cache_batch1": { "tokens_per_second": no_cache_tps, "seconds": no_cache_s },

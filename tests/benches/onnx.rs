@@ -25,7 +25,9 @@ fn main() {
         for dtype in [ExportDtype::Fp32, ExportDtype::Fp16] {
             let onnx = dir.path().join(format!("{preset:?}-{dtype:?}"));
             let t = Instant::now();
-            let report = export::export(&model, &onnx, dtype, false).unwrap();
+            let report =
+                export::export(&model, &onnx, &export::ExportOptions { dtype, ..Default::default() })
+                    .unwrap();
             let export_s = t.elapsed().as_secs_f64();
             let size = std::fs::metadata(onnx.join(export::MODEL_FILE)).unwrap().len();
             let t = Instant::now();

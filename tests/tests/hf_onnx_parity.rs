@@ -17,7 +17,8 @@ fn onnx_exports_of_transformers_checkpoints_match_transformers() {
     for name in ["tied", "untied"] {
         let dir = root.join(format!("hf_{name}"));
         let out = root.join(format!("onnx_{name}"));
-        export::export(&dir, &out, ExportDtype::Fp32, false).unwrap();
+        export::export(&dir, &out, &export::ExportOptions { dtype: ExportDtype::Fp32, ..Default::default() })
+            .unwrap();
         let config: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         let expected = tch::Tensor::read_safetensors(dir.join("expected.safetensors")).unwrap();

@@ -31,7 +31,7 @@ fn tiny(dir: &Path, dtype: ExportDtype) -> (std::path::PathBuf, std::path::PathB
     let model = dir.join("model");
     init(&corpus, &Preset::Tiny.shape(), 3, &model, false).unwrap();
     let onnx = dir.join(format!("onnx-{dtype:?}"));
-    export::export(&model, &onnx, dtype, false).unwrap();
+    export::export(&model, &onnx, &export::ExportOptions { dtype, ..Default::default() }).unwrap();
     (model, onnx)
 }
 
@@ -78,6 +78,14 @@ fn greedy_generation_matches_the_trainer_token_for_token() {
     for p in &prompts {
         assert_eq!(ort_out(std::slice::from_ref(p)), tch_out(std::slice::from_ref(p)), "batch 1: {p:?}");
     }
+    // An export with logits for the last position only generates the same tokens.
+    let last_dir = dir.path().join("onnx-last");
+    let options = export::ExportOptions { logits: export::Logits::Last, ..Default::default() };
+    export::export(&model_dir, &last_dir, &options).unwrap();
+    let last = OnnxModel::load(runtime, &last_dir, DeviceChoice::Cpu, 1).unwrap();
+    let params = vec![SamplingParams::greedy(max_new); prompts.len()];
+    let (last_out, _) = last.generate(&prompts, &params, &vec![0; prompts.len()], |_, _| false).unwrap();
+    assert_eq!(last_out.into_iter().map(|o| o.tokens).collect::<Vec<_>>(), tch_out(&prompts), "logits=last");
     let batched = ort_out(&prompts);
     println!("lengths: {:?}", batched.iter().map(Vec::len).collect::<Vec<_>>());
     assert!(

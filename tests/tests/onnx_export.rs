@@ -146,7 +146,16 @@ fn fp32_export_matches_tch_untied_and_tied_external() {
         let model_dir = dir.path().join(format!("m-{tied}"));
         let (_vs, model, config) = make_model(&model_dir, tied, 3);
         let out = dir.path().join(format!("onnx-{tied}"));
-        let report = export::export(&model_dir, &out, ExportDtype::Fp32, external).unwrap();
+        let report = export::export(
+            &model_dir,
+            &out,
+            &export::ExportOptions {
+                dtype: ExportDtype::Fp32,
+                force_external: external,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(report.external, external);
         assert_eq!(out.join(export::EXTERNAL_DATA_FILE).is_file(), external);
         assert!(out.join("config.json").is_file());
@@ -162,7 +171,12 @@ fn fp16_export_stays_within_its_stated_tolerance() {
     let model_dir = dir.path().join("m");
     let (_vs, model, config) = make_model(&model_dir, false, 4);
     let out = dir.path().join("onnx16");
-    export::export(&model_dir, &out, ExportDtype::Fp16, false).unwrap();
+    export::export(
+        &model_dir,
+        &out,
+        &export::ExportOptions { dtype: ExportDtype::Fp16, ..Default::default() },
+    )
+    .unwrap();
     let d = parity(&out, &model, &config, true);
     println!("fp16: max |logit diff| vs f32 tch = {d:.3e}");
     assert!(d <= FP16_TOLERANCE, "fp16 logits differ by {d}");
@@ -174,7 +188,12 @@ fn graph_has_the_optimum_interface() {
     let model_dir = dir.path().join("m");
     let (_vs, _model, config) = make_model(&model_dir, true, 5);
     let out = dir.path().join("onnx");
-    export::export(&model_dir, &out, ExportDtype::Fp32, false).unwrap();
+    export::export(
+        &model_dir,
+        &out,
+        &export::ExportOptions { dtype: ExportDtype::Fp32, ..Default::default() },
+    )
+    .unwrap();
     let s = session(&out);
     let inputs: Vec<&str> = s.inputs().iter().map(|i| i.name()).collect();
     let outputs: Vec<&str> = s.outputs().iter().map(|o| o.name()).collect();

@@ -10,7 +10,7 @@ use alignx_trainer::generate::{self, SamplingParams};
 use alignx_trainer::init::{self, Preset};
 use alignx_trainer::lora::LoraConfig;
 use alignx_trainer::model_dir::{self, Dtype};
-use alignx_trainer::onnx::export::{self, ExportDtype};
+use alignx_trainer::onnx::export::{self, ExportDtype, ExportOptions, Logits};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
 use alignx_trainer::sft::{self, SftConfig};
 use anyhow::Context;
@@ -64,6 +64,10 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value = "fp32")]
         dtype: ExportDtype,
+        /// `all`: logits for every position (Hugging Face Optimum's layout); `last`: the
+        /// last position only — all the consumer needs, and a faster prefill.
+        #[arg(long, value_enum, default_value = "all")]
+        logits: Logits,
     },
     /// Fold a LoRA adapter into its base model, writing a plain model directory.
     MergeLora {
@@ -266,9 +270,9 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_export(model: &std::path::Path, out: &std::path::Path, dtype: ExportDtype) -> anyhow::Result<()> {
+fn run_export(model: &std::path::Path, out: &std::path::Path, options: &ExportOptions) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let report = export::export(model, out, dtype, false)?;
+    let report = export::export(model, out, options)?;
     if !report.missing.is_empty() {
         eprintln!(
             "warning: {} has no {}; copy them next to model.onnx before serving",
@@ -333,7 +337,9 @@ fn main() -> ExitCode {
         Command::Init(args) => report(run_init(args)),
         Command::Generate(args) => report(run_generate(args)),
         Command::Sft(args) => report(run_sft(args)),
-        Command::ExportOnnx { model, out, dtype } => report(run_export(&model, &out, dtype)),
+        Command::ExportOnnx { model, out, dtype, logits } => {
+            report(run_export(&model, &out, &ExportOptions { dtype, logits, force_external: false }))
+        }
         Command::MergeLora { model, adapter, out } => {
             report(model_dir::merge_lora(&model, &adapter, &out).map_err(anyhow::Error::from))
         }

@@ -36,12 +36,33 @@ const SERVED_FILES: [&str; 4] =
 const INLINE_LIMIT: usize = (2 << 30) - (64 << 20);
 
 /// Weight precision of the export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ExportDtype {
+    #[default]
     Fp32,
     /// Weights, activations and the KV cache in fp16; RMSNorm variance, attention
     /// scores/softmax and the logits in f32.
     Fp16,
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Logits {
+    /// Every position, `[batch, seq, vocab]`: Hugging Face Optimum's layout.
+    #[default]
+    All,
+    /// The last position only, `[batch, 1, vocab]`: all that generation needs. Prefill
+    /// then skips the LM head (and its large output) for every prompt token but one.
+    Last,
+}
+
+/// How to export.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExportOptions {
+    pub dtype: ExportDtype,
+    pub logits: Logits,
+    /// Write the weights to `model.onnx_data` even for small models (tests use it).
+    pub force_external: bool,
 }
 
 impl ExportDtype {
@@ -193,7 +214,12 @@ pub enum ExportError {
 
 /// Builds the model protobuf from the parameters of a loaded model (`vs` variables by
 /// HF name).
-fn build(vars: &std::collections::HashMap<String, Tensor>, c: &Config, dtype: ExportDtype) -> ModelProto {
+fn build(
+    vars: &std::collections::HashMap<String, Tensor>,
+    c: &Config,
+    dtype: ExportDtype,
+    scope: Logits,
+) -> ModelProto {
     let mut g = Graph { nodes: Vec::new(), inits: Vec::new(), next: 0, dtype };
     let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
     let elem = dtype.onnx();
@@ -337,6 +363,10 @@ fn build(vars: &std::collections::HashMap<String, Tensor>, c: &Config, dtype: Ex
         let down = mlp(&mut g, "down_proj", &act);
         x = g.op("Add", &[&h1, &down], vec![]);
     }
+    if scope == Logits::Last {
+        let (start, end, axis) = (g.i64s(&[-1]), g.i64s(&[i64::MAX]), g.i64s(&[1]));
+        x = g.op("Slice", &[&x, &start, &end, &axis], vec![]);
+    }
     let norm = g.weight("model.norm.weight", &v("model.norm.weight"), false);
     let x = g.rms_norm(&x, &norm, c.rms_norm_eps);
     // Tied heads reuse the embedding matrix through a Transpose node rather than a
@@ -359,8 +389,12 @@ fn build(vars: &std::collections::HashMap<String, Tensor>, c: &Config, dtype: Ex
         value_info("attention_mask", data_type::INT64, &[b.clone(), tl.clone()]),
         value_info("position_ids", data_type::INT64, &[b.clone(), sq.clone()]),
     ];
+    let positions = match scope {
+        Logits::All => sq.clone(),
+        Logits::Last => Dim::Fixed(1),
+    };
     let mut outputs =
-        vec![value_info("logits", data_type::FLOAT, &[b.clone(), sq.clone(), Dim::Fixed(c.vocab_size)])];
+        vec![value_info("logits", data_type::FLOAT, &[b.clone(), positions, Dim::Fixed(c.vocab_size)])];
     for i in 0..c.num_hidden_layers {
         for kind in ["key", "value"] {
             let dims_in = [b.clone(), Dim::Fixed(kv), pl.clone(), Dim::Fixed(d)];
@@ -406,21 +440,16 @@ fn externalise(model: &mut ModelProto, data: &mut Vec<u8>) {
     }
 }
 
-/// Exports the model directory `model` to `out` (atomically). `force_external` writes
-/// the weights to `model.onnx_data` even for small models (tests use it).
-pub fn export(
-    model: &Path,
-    out: &Path,
-    dtype: ExportDtype,
-    force_external: bool,
-) -> Result<ExportReport, ExportError> {
+/// Exports the model directory `model` to `out` (atomically).
+pub fn export(model: &Path, out: &Path, options: &ExportOptions) -> Result<ExportReport, ExportError> {
+    let ExportOptions { dtype, logits, force_external } = *options;
     // Config and weights only: a checkpoint without a tokenizer still exports (the
     // report lists what the directory lacks to be servable).
     let config = Config::from_file(&model.join(checkpoint::CONFIG_FILE))?;
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let _model = crate::qwen2::Qwen2::new(&vs.root(), &config);
     checkpoint::load(&vs, model)?;
-    let mut proto = build(&vs.variables(), &config, dtype);
+    let mut proto = build(&vs.variables(), &config, dtype, logits);
     let weight_bytes: usize =
         proto.graph.as_ref().map_or(0, |g| g.initializer.iter().map(|t| t.raw_data.len()).sum());
     let external = force_external || weight_bytes > INLINE_LIMIT;
