@@ -31,7 +31,7 @@ pub struct Generation {
     pub generated_tokens: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error("engine failed: {0}")]
     Failed(String),
@@ -47,9 +47,18 @@ pub trait Engine: Send + Sync {
     }
     /// Where it runs, for `alignx_model_info{provider}` (e.g. `cpu`, `cuda`).
     fn provider(&self) -> &str;
-    /// One generation per request, in request order. Blocking: call it off the async
-    /// runtime's worker threads.
-    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError>;
+    /// One result per request, in request order; the outer error fails the whole batch.
+    /// Blocking: call it off the async runtime's worker threads.
+    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Result<Generation, EngineError>>, EngineError>;
+    /// The longest prompt, in tokens, the engine takes (`None`: no limit). The pipeline
+    /// drops the oldest signals from a prompt until it fits.
+    fn max_prompt_tokens(&self) -> Option<usize> {
+        None
+    }
+    /// How many tokens a prompt is (asked only when there is a limit).
+    fn count_tokens(&self, _prompt: &str) -> usize {
+        0
+    }
 }
 
 /// Counts signal kinds: the summary is `pair=P ugc=U text=T`, carried over from the
@@ -80,7 +89,7 @@ impl Engine for CountingEngine {
         "none"
     }
 
-    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError> {
+    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Result<Generation, EngineError>>, EngineError> {
         Ok(batch
             .iter()
             .map(|r| {
@@ -96,11 +105,11 @@ impl Engine for CountingEngine {
                     r.kinds.len(),
                     summary.join(" ")
                 );
-                Generation {
+                Ok(Generation {
                     prompt_tokens: r.prompt.split_whitespace().count() as u64,
                     generated_tokens: text.split_whitespace().count() as u64,
                     text,
-                }
+                })
             })
             .collect())
     }
@@ -140,6 +149,7 @@ mod tests {
                 request(Some("pair=2 ugc=5 text=0"), &["ugc"]),
             ])
             .unwrap();
+        let out: Vec<Generation> = out.into_iter().map(Result::unwrap).collect();
         let summaries: Vec<String> =
             out.iter().map(|g| parse_answer(&g.text, 2048).unwrap().summary).collect();
         assert_eq!(summaries, ["pair=2 ugc=0 text=1", "pair=2 ugc=6 text=0"]);

@@ -120,7 +120,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("load the model in {}", a.model_dir.display()))?;
     let started = std::time::Instant::now();
     let (mut done, _) = engine.complete(&[prompt], &[params], &[a.seed])?;
-    let c = done.remove(0);
+    let c = done.remove(0)?;
     let (text, finish, prompt_tokens, generated) = (c.text, c.finish, c.prompt_tokens, c.generated_tokens);
     let seconds = started.elapsed().as_secs_f64();
     print!("{text}");

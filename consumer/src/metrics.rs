@@ -39,6 +39,8 @@ pub struct Metrics {
     /// Messages behind the high watermark, per partition.
     pub consumer_lag: IntGaugeVec,
     pub redis_errors: IntCounter,
+    /// Prompts shortened (oldest signals left out) to fit the model's context.
+    pub prompt_truncations: IntCounter,
     /// 1 for the serving model and provider.
     pub model_info: IntGaugeVec,
 }
@@ -109,6 +111,10 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             redis_errors: int_counter("alignx_redis_errors_total", "Failed Redis operations (retried)."),
+            prompt_truncations: int_counter(
+                "alignx_prompt_truncations_total",
+                "Prompts shortened (oldest signals left out) to fit the model's context.",
+            ),
             model_info: register(
                 &r,
                 IntGaugeVec::new(

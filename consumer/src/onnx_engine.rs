@@ -129,22 +129,31 @@ impl OnnxEngine {
         prompts: &[String],
         params: &[SamplingParams],
         seeds: &[u64],
-    ) -> Result<(Vec<Completion>, Timings), EngineError> {
-        let mut encoded = Vec::with_capacity(prompts.len());
-        let mut params = params.to_vec();
-        for (p, params) in prompts.iter().zip(params.iter_mut()) {
+    ) -> Result<(Vec<Result<Completion, EngineError>>, Timings), EngineError> {
+        // Prompts that do not fit the context fail alone; the rest run as one batch.
+        let mut results: Vec<Option<Result<Completion, EngineError>>> = vec![None; prompts.len()];
+        let mut rows = Vec::new();
+        let mut encoded = Vec::new();
+        let mut row_params = Vec::new();
+        let mut row_seeds = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
             let ids = self.encode(p)?;
+            let mut params = params[i];
             if let Some(max) = self.model.max_positions {
-                // Never past the model's context: fewer new tokens, at least one.
                 if ids.len() >= max {
-                    return Err(EngineError::Failed(format!(
+                    results[i] = Some(Err(EngineError::Failed(format!(
                         "prompt of {} tokens does not fit the model's context of {max}",
                         ids.len()
-                    )));
+                    ))));
+                    continue;
                 }
+                // Never past the context: fewer new tokens.
                 params.max_new_tokens = params.max_new_tokens.min(max - ids.len());
             }
+            rows.push(i);
             encoded.push(ids);
+            row_params.push(params);
+            row_seeds.push(seeds[i]);
         }
         let stop = |_: usize, tokens: &[u32]| {
             let tail = &tokens[tokens.len().saturating_sub(STOP_WINDOW)..];
@@ -154,22 +163,21 @@ impl OnnxEngine {
         };
         let (outputs, timings) = self
             .model
-            .generate(&encoded, &params, seeds, stop)
+            .generate(&encoded, &row_params, &row_seeds, stop)
             .map_err(|e| EngineError::Failed(e.to_string()))?;
-        let mut out = Vec::with_capacity(outputs.len());
-        for (o, prompt) in outputs.into_iter().zip(&encoded) {
+        for ((o, prompt), i) in outputs.into_iter().zip(&encoded).zip(rows) {
             let body = match o.finish {
                 Finish::Eos => &o.tokens[..o.tokens.len() - 1],
                 _ => &o.tokens[..],
             };
-            out.push(Completion {
-                text: self.decode(body)?,
+            results[i] = Some(self.decode(body).map(|text| Completion {
+                text,
                 finish: o.finish,
                 prompt_tokens: prompt.len(),
                 generated_tokens: o.tokens.len(),
-            });
+            }));
         }
-        Ok((out, timings))
+        Ok((results.into_iter().map(|r| r.expect("every prompt has a result")).collect(), timings))
     }
 }
 
@@ -186,7 +194,17 @@ impl Engine for OnnxEngine {
         self.model.provider
     }
 
-    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError> {
+    fn max_prompt_tokens(&self) -> Option<usize> {
+        // Leave room for the generation (up to half the context).
+        let max = self.model.max_positions?;
+        Some(max - self.params.max_new_tokens.min(max / 2))
+    }
+
+    fn count_tokens(&self, prompt: &str) -> usize {
+        self.tokenizer.encode(prompt, false).map_or(usize::MAX, |e| e.get_ids().len())
+    }
+
+    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Result<Generation, EngineError>>, EngineError> {
         let prompts: Vec<String> = batch.iter().map(|r| r.prompt.clone()).collect();
         let params = vec![self.params; batch.len()];
         let seeds: Vec<u64> = batch.iter().map(|r| r.seed).collect();
@@ -197,10 +215,12 @@ impl Engine for OnnxEngine {
         }
         Ok(done
             .into_iter()
-            .map(|c| Generation {
-                text: c.text,
-                prompt_tokens: c.prompt_tokens as u64,
-                generated_tokens: c.generated_tokens as u64,
+            .map(|c| {
+                c.map(|c| Generation {
+                    text: c.text,
+                    prompt_tokens: c.prompt_tokens as u64,
+                    generated_tokens: c.generated_tokens as u64,
+                })
             })
             .collect())
     }

@@ -70,7 +70,7 @@ impl Updater {
         };
         self.metrics.engine_batch_size.observe(inputs.len() as f64);
         let generations: Vec<Result<Generation, String>> = match result {
-            Ok(g) if g.len() == inputs.len() => g.into_iter().map(Ok).collect(),
+            Ok(g) if g.len() == inputs.len() => g.into_iter().map(|r| r.map_err(|e| e.to_string())).collect(),
             Ok(g) => {
                 let msg = format!("engine returned {} generations for {} requests", g.len(), inputs.len());
                 inputs.iter().map(|_| Err(msg.clone())).collect()
@@ -88,9 +88,26 @@ impl Updater {
     }
 
     fn request(&self, input: &UpdateInput) -> UpdateRequest {
-        let evidence = Evidence::from_signals(input.signals.iter().map(|s| &s.signal));
-        let setting = Setting::Streaming { past: input.previous_summary.as_deref() };
-        let prompt = self.templates.render(self.engine.bos(), setting, &evidence);
+        let render = |shown: &[Arc<LoggedSignal>]| {
+            let evidence = Evidence::from_signals(shown.iter().map(|s| &s.signal));
+            let setting = Setting::Streaming { past: input.previous_summary.as_deref() };
+            self.templates.render(self.engine.bos(), setting, &evidence)
+        };
+        let mut shown = &input.signals[..];
+        let mut prompt = render(shown);
+        if let Some(max) = self.engine.max_prompt_tokens() {
+            // Too long for the model: drop the oldest signals (never the instructions,
+            // the past summary or the `Assistant: <think>` cue) until it fits.
+            let full = shown.len();
+            while shown.len() > 1 && self.engine.count_tokens(&prompt) > max {
+                shown = &shown[1..];
+                prompt = render(shown);
+            }
+            if shown.len() < full {
+                self.metrics.prompt_truncations.inc();
+                tracing::debug!(user = %input.user, dropped = full - shown.len(), "prompt truncated to fit the model");
+            }
+        }
         UpdateRequest {
             user_id: input.user.to_string(),
             prompt,

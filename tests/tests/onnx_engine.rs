@@ -134,7 +134,8 @@ fn the_engine_renders_with_the_models_bos_and_stops_at_stop_strings() {
         kinds: vec![],
         seed,
     };
-    let out = engine.generate(&[request(1), request(2)]).unwrap();
+    let out: Vec<_> =
+        engine.generate(&[request(1), request(2)]).unwrap().into_iter().map(Result::unwrap).collect();
     for g in &out {
         assert!(g.prompt_tokens > 5 && g.generated_tokens >= 1 && g.generated_tokens <= 40, "{g:?}");
         // A stop string ends the text if it appears at all.
@@ -144,6 +145,27 @@ fn the_engine_renders_with_the_models_bos_and_stops_at_stop_strings() {
             }
         }
     }
+}
+
+#[test]
+fn a_prompt_too_long_for_the_context_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    let runtime = onnx_runtime::init(None).unwrap();
+    let engine = OnnxEngine::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1, None, 40).unwrap();
+    assert_eq!(engine.max_prompt_tokens(), Some(2048 - 40), "the context less the generation budget");
+    let request = |prompt: String| UpdateRequest {
+        user_id: "u".into(),
+        prompt,
+        previous_summary: None,
+        kinds: vec![],
+        seed: 0,
+    };
+    let long = "likes short answers with examples ".repeat(800);
+    assert!(engine.count_tokens(&long) > 2048);
+    let out = engine.generate(&[request(long), request("User: hi\nAssistant: <think>".into())]).unwrap();
+    assert!(out[0].as_ref().unwrap_err().to_string().contains("does not fit"), "{:?}", out[0]);
+    assert!(out[1].is_ok(), "the other request of the batch is unaffected");
 }
 
 #[test]
@@ -179,7 +201,22 @@ fn the_pipeline_serves_an_exported_model() {
     create_topics(&brokers, 2).unwrap();
     let redis = start_redis().unwrap();
     let redis_url = format!("redis://{}/", redis.addr());
-    let messages = scenario(6, 24, 0, 3);
+    let mut messages = scenario(6, 24, 0, 3);
+    // A user whose latest signal is longer than the model's context: the prompt drops the
+    // older signal, still does not fit, and that update fails alone.
+    for (i, text) in
+        ["short and sweet".to_owned(), "likes short answers with examples ".repeat(400)].iter().enumerate()
+    {
+        let payload = format!(
+            r#"{{"schema":"alignx.signal.v1","user_id":"verbose","signal_id":"v{i}","ts":"2026-11-27T10:00:00Z","kind":"text","text":"{text}"}}"#
+        );
+        messages.push(alignx_tests::stream::Produced {
+            key: "verbose".into(),
+            payload: payload.into_bytes(),
+            kind: Some("text"),
+            reason: None,
+        });
+    }
     produce(&brokers, &messages).unwrap();
     let model = onnx_dir.to_str().unwrap();
     let mut consumer = ConsumerProcess::start(
@@ -229,7 +266,17 @@ fn the_pipeline_serves_an_exported_model() {
         assert_eq!(rec.model, "onnx-Fp32", "the model directory names the version");
         assert!(rec.prompt.starts_with("<|begin_of_text|>A conversation between User and Assistant."));
         assert!(rec.prompt.ends_with("\nAssistant: <think>"));
-        assert!(rec.generated_tokens >= 1 && rec.generated_tokens <= 12, "{rec:?}");
+        if rec.user_id == "verbose" {
+            assert_eq!(rec.outcome, alignx_schemas::inference_log::UpdateOutcome::EngineError);
+            assert!(!rec.prompt.contains("short and sweet"), "the older signal was left out of the prompt");
+            continue;
+        }
+        assert!(
+            rec.generated_tokens >= 1 && rec.generated_tokens <= 12,
+            "{}: {:?}",
+            rec.user_id,
+            rec.outcome
+        );
         assert!(!rec.generation.is_empty());
     }
     let (_, metrics) = http_get(consumer.metrics, "/metrics").unwrap();
@@ -240,5 +287,10 @@ fn the_pipeline_serves_an_exported_model() {
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(prefills > 0.0, "engine time is measured by phase");
+    // Cut on each of its 3 attempts (engine errors are retried like failed generations).
+    assert!(
+        metrics.contains("alignx_prompt_truncations_total 3"),
+        "the verbose user's prompt was cut: {metrics}"
+    );
     assert!(consumer.terminate(std::time::Duration::from_secs(30)).unwrap().success());
 }

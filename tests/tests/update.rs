@@ -30,13 +30,15 @@ impl Engine for Rambling {
     fn provider(&self) -> &str {
         "cpu"
     }
-    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Generation>, EngineError> {
+    fn generate(&self, batch: &[UpdateRequest]) -> Result<Vec<Result<Generation, EngineError>>, EngineError> {
         Ok(batch
             .iter()
-            .map(|_| Generation {
-                text: " I wonder </think> <answer>likes".into(),
-                prompt_tokens: 10,
-                generated_tokens: 5,
+            .map(|_| {
+                Ok(Generation {
+                    text: " I wonder </think> <answer>likes".into(),
+                    prompt_tokens: 10,
+                    generated_tokens: 5,
+                })
             })
             .collect())
     }
