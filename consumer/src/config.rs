@@ -196,6 +196,10 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Longest generation per update, in tokens.
     pub max_new_tokens: usize,
+    /// How often the model pointer (`alignx:model:current`, or the `model_dir` symlink) is
+    /// checked for a new version; "0s" turns hot reload off.
+    #[serde(deserialize_with = "de_duration")]
+    pub reload_interval: Duration,
     /// Sampling, overriding `generation_config.json` (absent: its defaults; greedy
     /// when it does not ask for sampling).
     pub sampling: Option<SamplingParams>,
@@ -215,6 +219,7 @@ impl Default for EngineConfig {
             device: DeviceChoice::Auto,
             threads: 0,
             max_new_tokens: 512,
+            reload_interval: Duration::from_secs(10),
             sampling: None,
         }
     }
@@ -354,6 +359,9 @@ pub struct RunArgs {
     /// Longest generation per update, in tokens [default: 512].
     #[arg(long, env = "ALIGNX_MAX_NEW_TOKENS")]
     pub max_new_tokens: Option<usize>,
+    /// How often to check for a new model version; 0s = never [default: 10s].
+    #[arg(long, env = "ALIGNX_RELOAD_INTERVAL", value_parser = parse_duration)]
+    pub reload_interval: Option<Duration>,
     /// Users per engine call [default: 32].
     #[arg(long, env = "ALIGNX_BATCH_SIZE")]
     pub batch_size: Option<usize>,
@@ -464,6 +472,7 @@ impl RunConfig {
         }
         set(&mut self.engine.threads, a.engine_threads);
         set(&mut self.engine.max_new_tokens, a.max_new_tokens);
+        set(&mut self.engine.reload_interval, a.reload_interval);
         set(&mut self.engine.concurrency, a.concurrency);
         set(&mut self.commit_interval, a.commit_interval);
         set(&mut self.poll_batch, a.poll_batch);

@@ -61,6 +61,26 @@ pub trait Engine: Send + Sync {
     }
 }
 
+/// The engine currently serving, swappable while the pipeline runs (model hot reload).
+/// Each batch takes the current engine once and uses it throughout, so a swap never
+/// splits a batch, and updates in flight finish on the model they started with.
+pub struct EngineSlot(std::sync::RwLock<std::sync::Arc<dyn Engine>>);
+
+impl EngineSlot {
+    pub fn new(engine: std::sync::Arc<dyn Engine>) -> Self {
+        Self(std::sync::RwLock::new(engine))
+    }
+
+    pub fn current(&self) -> std::sync::Arc<dyn Engine> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `engine` in place; returns the one it replaces.
+    pub fn swap(&self, engine: std::sync::Arc<dyn Engine>) -> std::sync::Arc<dyn Engine> {
+        std::mem::replace(&mut *self.0.write().unwrap_or_else(|p| p.into_inner()), engine)
+    }
+}
+
 /// Counts signal kinds: the summary is `pair=P ugc=U text=T`, carried over from the
 /// previous summary when it has that form.
 #[derive(Debug, Default, Clone)]

@@ -15,6 +15,7 @@
 //! - [`onnx_model`]: a model directory's ONNX graph (interface discovered from the file),
 //!   execution provider choice, batched KV-cached generation.
 //! - [`onnx_engine`]: the pipeline's `Engine` on it: tokenise, generate, stop strings.
+//! - [`reload`]: model hot reload from `alignx:model:current` or a re-pointed symlink.
 //! - [`sampler`]: greedy / temperature / top-k / top-p / repetition penalty, seeded.
 //! - [`engine`]: the `Engine` trait between pipeline and model, and the deterministic
 //!   `CountingEngine` for pipeline tests and benchmarks.
@@ -37,6 +38,7 @@ pub mod onnx_model;
 pub mod onnx_runtime;
 pub mod pipeline;
 pub mod redis_conn;
+pub mod reload;
 pub mod sampler;
 pub mod sink;
 pub mod store;

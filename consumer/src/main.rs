@@ -14,6 +14,7 @@ use alignx_consumer::metrics::Metrics;
 use alignx_consumer::onnx_engine::OnnxEngine;
 use alignx_consumer::onnx_model::DeviceChoice;
 use alignx_consumer::pipeline::{self, Exit};
+use alignx_consumer::reload::{Loader, Reload};
 use alignx_consumer::sampler::SamplingParams;
 use alignx_consumer::{onnx_runtime, validate_cmd};
 use alignx_schemas::Limits;
@@ -165,22 +166,30 @@ fn validate(input: PathBuf, limits: Limits) -> anyhow::Result<ExitCode> {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = RunConfig::load(args)?;
     let metrics = Metrics::new();
-    let engine: Arc<dyn Engine> = match cfg.engine.kind {
+    let (engine, reload): (Arc<dyn Engine>, Option<Reload>) = match cfg.engine.kind {
         EngineKind::Counting => {
             tracing::warn!("engine `counting`: summaries count signal kinds; no model runs");
-            Arc::new(CountingEngine)
+            (Arc::new(CountingEngine), None)
         }
         EngineKind::Onnx => {
-            let dir = cfg.engine.model_dir.as_deref().context("--engine onnx needs --model-dir")?;
+            let dir = cfg.engine.model_dir.clone().context("--engine onnx needs --model-dir")?;
             let runtime = onnx_runtime::init(cfg.ort_library.as_deref())?;
-            let e = &cfg.engine;
-            let engine = OnnxEngine::load(runtime, dir, e.device, e.threads, e.sampling, e.max_new_tokens)
-                .with_context(|| format!("load the model in {}", dir.display()))?;
+            let e = cfg.engine.clone();
+            let m = metrics.clone();
+            let loader: Loader = Arc::new(move |dir: &std::path::Path| {
+                let engine =
+                    OnnxEngine::load(runtime, dir, e.device, e.threads, e.sampling, e.max_new_tokens)
+                        .with_context(|| format!("load the model in {}", dir.display()))?;
+                Ok(Arc::new(engine.with_metrics(m.clone())) as Arc<dyn Engine>)
+            });
+            let engine = loader(&dir)?;
             tracing::info!(model = engine.model_id(), provider = engine.provider(), "model loaded");
-            Arc::new(engine.with_metrics(metrics.clone()))
+            let interval = cfg.engine.reload_interval;
+            let reload = (!interval.is_zero()).then(|| Reload { model_dir: dir, interval, loader });
+            (engine, reload)
         }
     };
-    match pipeline::run(cfg, engine, metrics, Arc::new(AtomicBool::new(false)))? {
+    match pipeline::run(cfg, engine, reload, metrics, Arc::new(AtomicBool::new(false)))? {
         Exit::Shutdown => Ok(ExitCode::SUCCESS),
         Exit::InvalidRatio(reason) => {
             tracing::error!("invalid-message circuit breaker: {reason}");

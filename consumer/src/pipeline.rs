@@ -29,11 +29,12 @@ use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 
 use crate::config::RunConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineSlot};
 use crate::ingest::{Incoming, IngestContext, KafkaConsumer, consumer_config, incoming};
 use crate::metrics::{Metrics, Readiness};
 use crate::offsets::PartitionOffsets;
 use crate::redis_conn::RedisConn;
+use crate::reload::Reload;
 use crate::sink::{Rejected, Sink};
 use crate::store::Store;
 use crate::update::{Updater, known, now_ms, redis_retry};
@@ -542,6 +543,7 @@ fn lock(p: &Mutex<Pipeline>) -> std::sync::MutexGuard<'_, Pipeline> {
 pub fn run(
     cfg: RunConfig,
     engine: Arc<dyn Engine>,
+    reload: Option<Reload>,
     metrics: Metrics,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<Exit> {
@@ -575,8 +577,13 @@ pub fn run(
     };
     let store = Store::new(conn, cfg.redis.history_len);
     rt.block_on(store.load_scripts()).context("load the Lua scripts into Redis")?;
+    let slot = Arc::new(EngineSlot::new(engine));
+    if let Some(reload) = reload {
+        let (slot, store, metrics, stop) = (slot.clone(), store.clone(), metrics.clone(), stop.clone());
+        rt.spawn(crate::reload::watch(reload, slot, store, metrics, stop));
+    }
     let updater = Arc::new(Updater {
-        engine,
+        engine: slot,
         store,
         sink: Sink::new(&cfg.kafka, abandon.clone()).context("create the Kafka producer")?,
         metrics: metrics.clone(),

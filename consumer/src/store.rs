@@ -286,6 +286,14 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
         Ok(())
     }
 
+    /// The model directory the deployment wants served (`alignx:model:current`), if set.
+    pub async fn model_pointer(&self) -> Result<Option<String>, StoreError> {
+        Ok(redis::cmd("GET")
+            .arg(alignx_schemas::keys::MODEL_POINTER)
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
+
     /// Loads the scripts into Redis's script cache up front, so that the first burst of
     /// concurrent calls does not all miss it. (After a Redis restart the cache is empty
     /// again; each call then loads its script on a miss.)

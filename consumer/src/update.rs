@@ -17,7 +17,7 @@ use alignx_schemas::inference_log::{InferenceLogRecord, InferenceLogSchema, Logg
 use alignx_schemas::prompt::{Evidence, Setting, Templates};
 use alignx_schemas::summary::{SummaryRecord, SummarySchema};
 
-use crate::engine::{Engine, Generation, UpdateRequest};
+use crate::engine::{Engine, EngineSlot, Generation, UpdateRequest};
 use crate::metrics::Metrics;
 use crate::redis_conn::RedisConn;
 use crate::sink::Sink;
@@ -26,7 +26,7 @@ use crate::window::{Finished, Known, UpdateInput};
 
 /// What every update needs, shared by all batches.
 pub struct Updater {
-    pub engine: Arc<dyn Engine>,
+    pub engine: Arc<EngineSlot>,
     pub store: Store<RedisConn>,
     pub sink: Sink,
     pub metrics: Metrics,
@@ -52,10 +52,13 @@ impl Updater {
         engine_permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Vec<(Arc<str>, Finished)> {
         let me = self.clone();
+        // One engine for the whole batch, even if a new model is swapped in meanwhile.
+        let engine = self.engine.current();
+        let model_id: Arc<str> = Arc::from(engine.model_id());
         let prepared = tokio::task::spawn_blocking(move || {
-            let requests: Vec<UpdateRequest> = inputs.iter().map(|i| me.request(i)).collect();
+            let requests: Vec<UpdateRequest> = inputs.iter().map(|i| me.request(&*engine, i)).collect();
             let started = Instant::now();
-            let result = me.engine.generate(&requests);
+            let result = engine.generate(&requests);
             (inputs, requests, result, started.elapsed())
         })
         .await;
@@ -78,28 +81,28 @@ impl Updater {
             Err(e) => inputs.iter().map(|_| Err(e.to_string())).collect(),
         };
         let work = inputs.into_iter().zip(requests).zip(generations).map(|((input, request), generation)| {
-            let me = self.clone();
+            let (me, model_id) = (self.clone(), model_id.clone());
             async move {
                 let user = input.user.clone();
-                (user, me.finish_one(input, request.prompt, generation).await)
+                (user, me.finish_one(input, &model_id, request.prompt, generation).await)
             }
         });
         futures::future::join_all(work).await
     }
 
-    fn request(&self, input: &UpdateInput) -> UpdateRequest {
+    fn request(&self, engine: &dyn Engine, input: &UpdateInput) -> UpdateRequest {
         let render = |shown: &[Arc<LoggedSignal>]| {
             let evidence = Evidence::from_signals(shown.iter().map(|s| &s.signal));
             let setting = Setting::Streaming { past: input.previous_summary.as_deref() };
-            self.templates.render(self.engine.bos(), setting, &evidence)
+            self.templates.render(engine.bos(), setting, &evidence)
         };
         let mut shown = &input.signals[..];
         let mut prompt = render(shown);
-        if let Some(max) = self.engine.max_prompt_tokens() {
+        if let Some(max) = engine.max_prompt_tokens() {
             // Too long for the model: drop the oldest signals (never the instructions,
             // the past summary or the `Assistant: <think>` cue) until it fits.
             let full = shown.len();
-            while shown.len() > 1 && self.engine.count_tokens(&prompt) > max {
+            while shown.len() > 1 && engine.count_tokens(&prompt) > max {
                 shown = &shown[1..];
                 prompt = render(shown);
             }
@@ -120,6 +123,7 @@ impl Updater {
     async fn finish_one(
         &self,
         input: UpdateInput,
+        model_id: &str,
         prompt: String,
         generation: Result<Generation, String>,
     ) -> Finished {
@@ -138,7 +142,7 @@ impl Updater {
         let mut record = InferenceLogRecord {
             schema: InferenceLogSchema::V1,
             user_id: input.user.to_string(),
-            model: self.engine.model_id().to_owned(),
+            model: model_id.to_owned(),
             logged_at_ms: now_ms(),
             previous_version: input.expected_version,
             previous_summary: input.previous_summary.clone(),

@@ -41,6 +41,10 @@ impl UserKeys {
     }
 }
 
+/// String: the model directory consumers should serve. Set by the trainer's promotion
+/// step (or by hand); consumers watch it and swap models between batches.
+pub const MODEL_POINTER: &str = "alignx:model:current";
+
 /// Sorted set of the users with signals pending from one input partition, scored by when
 /// their first pending signal was persisted (Unix ms). A consumer that is assigned the
 /// partition reads it to resume those windows. Kafka topic names cannot contain braces,

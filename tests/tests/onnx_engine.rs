@@ -294,3 +294,145 @@ fn the_pipeline_serves_an_exported_model() {
     );
     assert!(consumer.terminate(std::time::Duration::from_secs(30)).unwrap().success());
 }
+
+/// Hot reload: re-pointing the `--model-dir` symlink, then setting `alignx:model:current`,
+/// switches the served model between batches; every signal is consumed exactly once and
+/// each log record names the model that generated it.
+#[test]
+fn a_new_model_version_is_swapped_in_without_losing_work() {
+    use alignx_schemas::inference_log::InferenceLogRecord;
+    use alignx_schemas::keys::{self, UserKeys};
+    use alignx_tests::services::{http_get, start_redis, start_tansu};
+    use alignx_tests::stream::{ConsumerProcess, Produced, create_topics, produce, read_topic};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_, first) = tiny(dir.path(), ExportDtype::Fp32);
+    let versions: Vec<std::path::PathBuf> = ["v1", "v2", "v3"]
+        .iter()
+        .map(|v| {
+            let to = dir.path().join(v);
+            std::fs::create_dir(&to).unwrap();
+            for f in std::fs::read_dir(&first).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+            }
+            to
+        })
+        .collect();
+    let current = dir.path().join("current");
+    std::os::unix::fs::symlink(&versions[0], &current).unwrap();
+    let config = dir.path().join("consumer.toml");
+    std::fs::write(&config, "[engine]\nmax_retries = 1\n").unwrap();
+
+    let broker = start_tansu().unwrap();
+    let brokers = broker.addr().to_string();
+    create_topics(&brokers, 2).unwrap();
+    let redis = start_redis().unwrap();
+    let redis_url = format!("redis://{}/", redis.addr());
+    let mut consumer = ConsumerProcess::start(
+        &brokers,
+        &redis_url,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--engine",
+            "onnx",
+            "--model-dir",
+            current.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--window-size",
+            "1",
+            "--reload-interval",
+            "200ms",
+        ],
+    )
+    .unwrap();
+    let mut r = redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap();
+    let batch = |tag: &str| -> Vec<Produced> {
+        (0..8)
+            .map(|i| {
+                let user = format!("user-{}", i % 4);
+                let payload = format!(
+                    r#"{{"schema":"alignx.signal.v1","user_id":"{user}","signal_id":"{tag}{i}","ts":"2026-11-27T10:00:00Z","kind":"text","text":"likes {tag}"}}"#
+                );
+                Produced { key: user, payload: payload.into_bytes(), kind: Some("text"), reason: None }
+            })
+            .collect()
+    };
+    let mut sent = 0u64;
+    let consumer_done = |r: &mut redis::Connection, sent: u64, consumer: &mut ConsumerProcess| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(consumer.is_running(), "{}", consumer.log());
+            let consumed: u64 = (0..4)
+                .map(|u| {
+                    let (a, f): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+                        .arg(UserKeys::new(&format!("user-{u}")).summary)
+                        .arg("signals_applied")
+                        .arg("signals_failed")
+                        .query(r)
+                        .unwrap();
+                    a.unwrap_or(0) + f.unwrap_or(0)
+                })
+                .sum();
+            if consumed == sent {
+                return;
+            }
+            assert!(
+                consumed < sent && Instant::now() < deadline,
+                "{consumed} of {sent}:\n{}",
+                consumer.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let wait_serving = |model: &str, consumer: &mut ConsumerProcess| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let want = format!(r#"alignx_model_info{{model="{model}",provider="cpu"}} 1"#);
+        while !http_get(consumer.metrics, "/metrics").unwrap().1.contains(&want) {
+            assert!(Instant::now() < deadline, "{model} never served:\n{}", consumer.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    produce(&brokers, &batch("a")).unwrap();
+    sent += 8;
+    consumer_done(&mut r, sent, &mut consumer);
+    // Re-point the symlink atomically (rename over it), as a deployment would.
+    let next = dir.path().join("current.next");
+    std::os::unix::fs::symlink(&versions[1], &next).unwrap();
+    std::fs::rename(&next, &current).unwrap();
+    wait_serving("v2", &mut consumer);
+    produce(&brokers, &batch("b")).unwrap();
+    sent += 8;
+    consumer_done(&mut r, sent, &mut consumer);
+    // The Redis pointer wins over the directory.
+    let _: () =
+        redis::cmd("SET").arg(keys::MODEL_POINTER).arg(versions[2].to_str().unwrap()).query(&mut r).unwrap();
+    wait_serving("v3", &mut consumer);
+    produce(&brokers, &batch("c")).unwrap();
+    sent += 8;
+    consumer_done(&mut r, sent, &mut consumer);
+
+    let mut seen = std::collections::HashSet::new();
+    for record in read_topic(&brokers, keys::INFERENCE_LOG_TOPIC).unwrap() {
+        let rec: InferenceLogRecord = serde_json::from_slice(&record.payload).unwrap();
+        let id = &rec.signals[0].signal.signal_id;
+        let want = match &id[..1] {
+            "a" => "v1",
+            "b" => "v2",
+            _ => "v3",
+        };
+        assert_eq!(rec.model, want, "signal {id}");
+        assert!(seen.insert(id.clone()), "signal {id} logged twice");
+    }
+    assert_eq!(seen.len() as u64, sent, "one record per signal (window size 1)");
+    assert!(
+        !http_get(consumer.metrics, "/metrics").unwrap().1.contains(r#"model="v1""#),
+        "the old series is gone"
+    );
+}

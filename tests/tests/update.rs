@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use alignx_consumer::config::KafkaConfig;
-use alignx_consumer::engine::{Engine, EngineError, Generation, UpdateRequest};
+use alignx_consumer::engine::{Engine, EngineError, EngineSlot, Generation, UpdateRequest};
 use alignx_consumer::metrics::Metrics;
 use alignx_consumer::redis_conn::RedisConn;
 use alignx_consumer::sink::Sink;
@@ -71,7 +71,7 @@ fn failing_generations_are_retried_then_recorded_as_failed() {
     };
     let store = Store::new(rt.block_on(RedisConn::connect(&redis_cfg)).unwrap(), 4);
     let updater = Arc::new(Updater {
-        engine: Arc::new(Rambling),
+        engine: Arc::new(EngineSlot::new(Arc::new(Rambling))),
         store: store.clone(),
         sink: Sink::new(&kafka, abandon.clone()).unwrap(),
         metrics: metrics.clone(),
