@@ -163,6 +163,16 @@ impl Default for WindowConfig {
     }
 }
 
+/// What a prompt shows the model (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptSetting {
+    /// The previous summary and the new signals: incremental updates.
+    Streaming,
+    /// The user's most recent signals only, for models trained in the base setting.
+    Base,
+}
+
 /// Which engine writes summaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -196,6 +206,10 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Longest generation per update, in tokens.
     pub max_new_tokens: usize,
+    /// `streaming` (previous summary + new signals) or `base` (recent signals only).
+    pub setting: PromptSetting,
+    /// Recent signals a base-setting prompt shows (kept per user in `alignx:{u}:signals`).
+    pub base_signals: usize,
     /// How often the model pointer (`alignx:model:current`, or the `model_dir` symlink) is
     /// checked for a new version; "0s" turns hot reload off.
     #[serde(deserialize_with = "de_duration")]
@@ -220,6 +234,8 @@ impl Default for EngineConfig {
             threads: 0,
             max_new_tokens: 512,
             reload_interval: Duration::from_secs(10),
+            setting: PromptSetting::Streaming,
+            base_signals: defaults::WINDOW_MAX_SIGNALS,
             sampling: None,
         }
     }
@@ -247,6 +263,16 @@ impl Default for InputConfig {
             max_message_bytes: l.max_message_bytes,
             max_invalid_ratio: defaults::INVALID_RATIO_MAX,
             invalid_ratio_window: defaults::INVALID_RATIO_WINDOW,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Recent signals kept per user: only the base setting needs them.
+    pub fn recent_len(&self) -> usize {
+        match self.setting {
+            PromptSetting::Base => self.base_signals,
+            PromptSetting::Streaming => 0,
         }
     }
 }
@@ -359,6 +385,10 @@ pub struct RunArgs {
     /// Longest generation per update, in tokens [default: 512].
     #[arg(long, env = "ALIGNX_MAX_NEW_TOKENS")]
     pub max_new_tokens: Option<usize>,
+    /// `streaming`: prompts carry the previous summary; `base`: the user's most recent
+    /// signals only, for models trained in the paper's base setting [default: streaming].
+    #[arg(long, env = "ALIGNX_SETTING", value_enum)]
+    pub setting: Option<PromptSetting>,
     /// How often to check for a new model version; 0s = never [default: 10s].
     #[arg(long, env = "ALIGNX_RELOAD_INTERVAL", value_parser = parse_duration)]
     pub reload_interval: Option<Duration>,
@@ -473,6 +503,7 @@ impl RunConfig {
         set(&mut self.engine.threads, a.engine_threads);
         set(&mut self.engine.max_new_tokens, a.max_new_tokens);
         set(&mut self.engine.reload_interval, a.reload_interval);
+        set(&mut self.engine.setting, a.setting);
         set(&mut self.engine.concurrency, a.concurrency);
         set(&mut self.commit_interval, a.commit_interval);
         set(&mut self.poll_batch, a.poll_batch);
@@ -487,6 +518,9 @@ impl RunConfig {
         }
         if self.poll_batch == 0 {
             return bad("poll_batch must be at least 1".into());
+        }
+        if self.engine.setting == PromptSetting::Base && self.engine.base_signals == 0 {
+            return bad("base_signals must be at least 1 in the base setting".into());
         }
         if self.engine.max_new_tokens == 0 {
             return bad("max_new_tokens must be at least 1".into());

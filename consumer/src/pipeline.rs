@@ -99,7 +99,11 @@ impl Pipeline {
         Self {
             accepted: by_kind("accepted"),
             duplicates: by_kind("duplicate"),
-            windows: Windows::new(cfg.window.max_signals, cfg.window.max_wait),
+            windows: Windows::with_recent(
+                cfg.window.max_signals,
+                cfg.window.max_wait,
+                cfg.engine.recent_len(),
+            ),
             engine_slots: Arc::new(Semaphore::new(cfg.engine.concurrency)),
             cfg,
             rt,
@@ -575,7 +579,7 @@ pub fn run(
         Some(path) => Templates::from_file(path)?,
         None => Templates::default(),
     };
-    let store = Store::new(conn, cfg.redis.history_len);
+    let store = Store::with_recent(conn, cfg.redis.history_len, cfg.engine.recent_len());
     rt.block_on(store.load_scripts()).context("load the Lua scripts into Redis")?;
     let slot = Arc::new(EngineSlot::new(engine));
     if let Some(reload) = reload {
@@ -591,6 +595,7 @@ pub fn run(
         max_summary_chars: cfg.engine.max_summary_chars,
         keep_reasoning: cfg.engine.keep_reasoning,
         max_retries: cfg.engine.max_retries,
+        base_signals: cfg.engine.recent_len(),
         redis_ok,
         abandon,
     });

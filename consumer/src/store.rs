@@ -67,6 +67,9 @@ pub struct Update {
     /// The update's inference-log record (JSON), kept in the `outbox` field until it is
     /// delivered; empty for none.
     pub outbox: String,
+    /// The update's signals (JSON), appended to the capped recent-signals list when the
+    /// store keeps one (base setting).
+    pub recent: Vec<String>,
 }
 
 /// What [`Store::apply`] did.
@@ -91,6 +94,8 @@ pub struct UserRecord {
     pub applied: BTreeMap<i32, i64>,
     /// An inference-log record written with the last update whose delivery is unconfirmed.
     pub outbox: Option<String>,
+    /// The most recent signals, oldest first (only when the store keeps them).
+    pub recent: Vec<LoggedSignal>,
 }
 
 /// Pending entries are `LoggedSignal` JSON, which serde writes starting with
@@ -147,6 +152,11 @@ if redis.call('LLEN', KEYS[2]) > 0 then
   for _, e in ipairs(keep) do redis.call('RPUSH', KEYS[2], e) end
 end
 for p, o in pairs(consumed) do applied[p] = o end
+local recent = tonumber(ARGV[11])
+if recent > 0 then
+  for i = 12, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
+  redis.call('LTRIM', KEYS[4], -recent, -1)
+end
 if ARGV[10] == 'skip' then
   redis.call('HSET', KEYS[1], 'applied', cjson.encode(applied))
   redis.call('HINCRBY', KEYS[1], 'signals_failed', ARGV[5])
@@ -175,6 +185,8 @@ pub struct Store<C> {
     persist: redis::Script,
     apply: redis::Script,
     history_len: usize,
+    /// Recent signals kept per user (0: none, the streaming setting).
+    recent_len: usize,
 }
 
 /// The summary hash field holding the last update's unconfirmed inference-log record.
@@ -182,11 +194,17 @@ const OUTBOX: &str = "outbox";
 
 impl<C: ConnectionLike + Send + Clone> Store<C> {
     pub fn new(conn: C, history_len: usize) -> Self {
+        Self::with_recent(conn, history_len, 0)
+    }
+
+    /// A store that also keeps each user's `recent_len` most recent signals.
+    pub fn with_recent(conn: C, history_len: usize, recent_len: usize) -> Self {
         Self {
             conn,
             persist: redis::Script::new(&format!("{POSITION}{PERSIST}")),
             apply: redis::Script::new(&format!("{POSITION}{APPLY}")),
             history_len: history_len.max(1),
+            recent_len,
         }
     }
 
@@ -230,6 +248,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             .key(&keys.summary)
             .key(&keys.pending)
             .key(&keys.history)
+            .key(&keys.signals)
             .arg(u.expected_version)
             .arg(&u.summary)
             .arg(&u.model)
@@ -240,6 +259,8 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             .arg(serde_json::to_string(&consumed).expect("a map of integers serialises"))
             .arg(&u.outbox)
             .arg(mode)
+            .arg(if u.recent.is_empty() { 0 } else { self.recent_len })
+            .arg(&u.recent)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(match reply.as_slice() {
@@ -271,7 +292,8 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
         } else {
             None
         };
-        Ok(UserRecord { summary, applied, outbox: fields.get(OUTBOX).cloned() })
+        let recent = if self.recent_len > 0 { self.list(user_id, &keys.signals).await? } else { Vec::new() };
+        Ok(UserRecord { summary, applied, outbox: fields.get(OUTBOX).cloned(), recent })
     }
 
     /// Forgets the outbox record once its delivery is confirmed. A plain `HDEL`, not a

@@ -34,6 +34,8 @@ pub struct Updater {
     pub max_summary_chars: usize,
     pub keep_reasoning: bool,
     pub max_retries: u32,
+    /// Recent signals a base-setting prompt shows; 0: the streaming setting.
+    pub base_signals: usize,
     /// False while Redis calls fail (readiness).
     pub redis_ok: Arc<AtomicBool>,
     /// Set when the pipeline gives up on in-flight work.
@@ -93,10 +95,20 @@ impl Updater {
     fn request(&self, engine: &dyn Engine, input: &UpdateInput) -> UpdateRequest {
         let render = |shown: &[Arc<LoggedSignal>]| {
             let evidence = Evidence::from_signals(shown.iter().map(|s| &s.signal));
-            let setting = Setting::Streaming { past: input.previous_summary.as_deref() };
+            let setting = match self.base_signals {
+                0 => Setting::Streaming { past: input.previous_summary.as_deref() },
+                _ => Setting::Base,
+            };
             self.templates.render(engine.bos(), setting, &evidence)
         };
-        let mut shown = &input.signals[..];
+        // Streaming: the window. Base: the most recent signals, earlier ones included.
+        let base: Vec<Arc<LoggedSignal>> = if self.base_signals > 0 {
+            let all: Vec<Arc<LoggedSignal>> = input.recent.iter().chain(&input.signals).cloned().collect();
+            all[all.len().saturating_sub(self.base_signals)..].to_vec()
+        } else {
+            Vec::new()
+        };
+        let mut shown = if self.base_signals > 0 { &base[..] } else { &input.signals[..] };
         let mut prompt = render(shown);
         if let Some(max) = engine.max_prompt_tokens() {
             // Too long for the model: drop the oldest signals (never the instructions,
@@ -171,6 +183,15 @@ impl Updater {
             signals: input.signals.len() as u64,
             now_ms: now_ms(),
             outbox: String::new(),
+            recent: if self.base_signals > 0 {
+                input
+                    .signals
+                    .iter()
+                    .map(|s| serde_json::to_string(&**s).expect("a signal serialises"))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         };
         match parsed {
             Ok(answer) => {
@@ -326,6 +347,7 @@ pub fn known(rec: &crate::store::UserRecord) -> Known {
         version: rec.summary.as_ref().map_or(0, |s| s.version),
         summary: rec.summary.as_ref().map(|s| s.summary.clone()),
         applied: rec.applied.clone(),
+        recent: rec.recent.clone(),
     }
 }
 

@@ -42,6 +42,8 @@ struct UserState {
     attempts: u32,
     /// Partition of the user's latest signal (where its pending index entry lives).
     partition: i32,
+    /// The most recent consumed signals, oldest first (base setting only).
+    recent: VecDeque<Arc<LoggedSignal>>,
     /// Listed in the partition's pending index in Redis.
     indexed: bool,
     /// The deadline currently armed in the timer heap.
@@ -55,6 +57,8 @@ pub struct Known {
     pub version: u64,
     pub summary: Option<String>,
     pub applied: BTreeMap<i32, i64>,
+    /// The most recent consumed signals, oldest first (base setting only).
+    pub recent: Vec<LoggedSignal>,
 }
 
 /// An update to run: one user's window.
@@ -66,6 +70,8 @@ pub struct UpdateInput {
     pub signals: Vec<Arc<LoggedSignal>>,
     /// Failed generations of this window so far.
     pub attempt: u32,
+    /// Signals consumed before this window, oldest first (kept for the base setting).
+    pub recent: Vec<Arc<LoggedSignal>>,
 }
 
 /// How an update ended, as far as the window is concerned.
@@ -93,6 +99,8 @@ pub enum Pushed {
 
 pub struct Windows {
     max_signals: usize,
+    /// Recent signals remembered per user (0: none).
+    recent_len: usize,
     max_wait: Duration,
     users: HashMap<Arc<str>, UserState>,
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
@@ -107,8 +115,14 @@ pub struct Windows {
 
 impl Windows {
     pub fn new(max_signals: usize, max_wait: Duration) -> Self {
+        Self::with_recent(max_signals, max_wait, 0)
+    }
+
+    /// Windows that also remember each user's `recent_len` last consumed signals.
+    pub fn with_recent(max_signals: usize, max_wait: Duration, recent_len: usize) -> Self {
         Self {
             max_signals: max_signals.max(1),
+            recent_len,
             max_wait,
             users: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -148,6 +162,7 @@ impl Windows {
                 version: known.version,
                 summary: known.summary,
                 seen: known.applied,
+                recent: known.recent.into_iter().map(Arc::new).collect(),
                 window: VecDeque::new(),
                 in_flight: 0,
                 attempts: 0,
@@ -260,6 +275,7 @@ impl Windows {
                 previous_summary: st.summary.clone(),
                 signals: st.window.iter().take(n).map(|e| e.signal.clone()).collect(),
                 attempt: st.attempts,
+                recent: st.recent.iter().cloned().collect(),
             });
         }
         out
@@ -281,11 +297,11 @@ impl Windows {
                 st.version = version;
                 st.summary = Some(summary);
                 st.attempts = 0;
-                gone.extend(st.window.drain(..taken).map(|e| (e.signal.partition, e.signal.offset)));
+                consume(st, taken, self.recent_len, &mut gone);
             }
             Finished::Skipped => {
                 st.attempts = 0;
-                gone.extend(st.window.drain(..taken).map(|e| (e.signal.partition, e.signal.offset)));
+                consume(st, taken, self.recent_len, &mut gone);
             }
             Finished::Retry { after } => {
                 st.attempts += 1;
@@ -294,6 +310,7 @@ impl Windows {
             Finished::Reload(known) => {
                 st.version = known.version;
                 st.summary = known.summary;
+                st.recent = known.recent.into_iter().map(Arc::new).collect();
                 st.attempts = 0;
                 st.window.retain(|e| {
                     let applied =
@@ -423,6 +440,20 @@ impl Windows {
     }
 }
 
+/// Removes the first `taken` entries of a window (consumed by an update), remembering
+/// them as recent signals when `recent_len` > 0.
+fn consume(st: &mut UserState, taken: usize, recent_len: usize, gone: &mut Vec<(i32, i64)>) {
+    for e in st.window.drain(..taken) {
+        gone.push((e.signal.partition, e.signal.offset));
+        if recent_len > 0 {
+            st.recent.push_back(e.signal);
+        }
+    }
+    while st.recent.len() > recent_len {
+        st.recent.pop_front();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use alignx_schemas::{Limits, validate_signal};
@@ -488,7 +519,12 @@ mod tests {
         w.fire_timers(now + Duration::from_secs(1));
         let again = w.take_ready(1);
         assert_eq!(again[0].attempt, 1);
-        let known = Known { version: 7, summary: Some("x".into()), applied: BTreeMap::from([(0, 1)]) };
+        let known = Known {
+            version: 7,
+            summary: Some("x".into()),
+            applied: BTreeMap::from([(0, 1)]),
+            recent: vec![],
+        };
         assert_eq!(w.finish(&u, Finished::Reload(known), now), [(0, 1)]);
         assert_eq!(w.buffered(), 1);
         w.fire_timers(now + Duration::from_secs(31));

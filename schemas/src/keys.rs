@@ -28,6 +28,9 @@ pub struct UserKeys {
     pub pending: String,
     /// List: past summaries, newest first, capped.
     pub history: String,
+    /// List: the user's most recent signals, capped (kept only for base-setting models,
+    /// whose prompts show recent behaviour instead of a past summary).
+    pub signals: String,
 }
 
 impl UserKeys {
@@ -37,6 +40,7 @@ impl UserKeys {
             summary: format!("alignx:{{{tag}}}:summary"),
             pending: format!("alignx:{{{tag}}}:pending"),
             history: format!("alignx:{{{tag}}}:history"),
+            signals: format!("alignx:{{{tag}}}:signals"),
         }
     }
 }

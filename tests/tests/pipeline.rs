@@ -184,3 +184,61 @@ fn a_flood_of_invalid_messages_trips_the_breaker() {
     assert_eq!(status.code(), Some(3), "{}", consumer.log());
     assert!(consumer.log().contains("circuit breaker"), "{}", consumer.log());
 }
+
+#[test]
+fn the_base_setting_keeps_recent_signals_and_prompts_with_them() {
+    use alignx_schemas::inference_log::{InferenceLogRecord, LoggedSignal};
+    use alignx_schemas::keys::{self, UserKeys};
+    use alignx_tests::stream::read_topic;
+
+    let w = world(start_redis().unwrap());
+    let messages = scenario(5, 60, 0, 9);
+    produce(&w.brokers, &messages).unwrap();
+    let mut consumer =
+        ConsumerProcess::start(&w.brokers, &w.redis_url, &["--setting", "base", "--window-size", "2"])
+            .unwrap();
+    wait_until_done(&w.redis_url, &messages, Duration::from_secs(60), || alive(&mut consumer)).unwrap();
+    let mut r = redis::Client::open(w.redis_url.as_str()).unwrap().get_connection().unwrap();
+    let log: Vec<InferenceLogRecord> = read_topic(&w.brokers, keys::INFERENCE_LOG_TOPIC)
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    for user in (0..5).map(|u| format!("user-{u:04}")) {
+        // The capped list holds the user's last 4 signals, oldest first.
+        let kept: Vec<String> =
+            redis::cmd("LRANGE").arg(UserKeys::new(&user).signals).arg(0).arg(-1).query(&mut r).unwrap();
+        let kept: Vec<String> =
+            kept.iter().map(|j| serde_json::from_str::<LoggedSignal>(j).unwrap().signal.signal_id).collect();
+        let produced: Vec<String> = messages
+            .iter()
+            .filter(|m| m.key == user)
+            .map(|m| {
+                serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["signal_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(kept, produced[produced.len() - 4..], "{user}");
+    }
+    for rec in &log {
+        assert!(rec.prompt.contains("Generate the user's preference based on their historical behavior."));
+        assert!(!rec.prompt.contains("Past Preferences"), "no summary in a base-setting prompt");
+    }
+    // An update after the first shows the two previous signals as well as its own two.
+    let later = log.iter().find(|r| r.previous_version >= 1).expect("second updates exist");
+    let earlier = log
+        .iter()
+        .find(|r| r.user_id == later.user_id && r.new_version == Some(later.previous_version))
+        .expect("the update before it");
+    for s in &earlier.signals {
+        let text = match &s.signal.body {
+            alignx_schemas::SignalBody::Pair { post, .. } | alignx_schemas::SignalBody::Ugc { post, .. } => {
+                post
+            }
+            alignx_schemas::SignalBody::Text { text } => text,
+        };
+        assert!(later.prompt.contains(text.as_str()), "recent signal {text:?} is in the next prompt");
+    }
+}

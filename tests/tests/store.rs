@@ -27,6 +27,7 @@ fn update(user: &str, expected: u64, summary: &str, consumed: &[(i32, i64)], n: 
         signals: n,
         now_ms: 1_000 + expected,
         outbox: String::new(),
+        recent: vec![],
     }
 }
 

@@ -79,6 +79,7 @@ fn failing_generations_are_retried_then_recorded_as_failed() {
         max_summary_chars: 2048,
         keep_reasoning: false,
         max_retries: 3,
+        base_signals: 0,
         redis_ok: Arc::new(AtomicBool::new(true)),
         abandon,
     });
@@ -92,6 +93,7 @@ fn failing_generations_are_retried_then_recorded_as_failed() {
             previous_summary: None,
             signals: window.clone(),
             attempt,
+            recent: vec![],
         };
         let permit = rt.block_on(slots.clone().acquire_owned()).unwrap();
         rt.block_on(updater.clone().run_batch(vec![input], permit)).pop().unwrap().1
