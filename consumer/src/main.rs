@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicBool;
 use alignx_consumer::config::{EngineKind, RunArgs, RunConfig};
 use alignx_consumer::engine::{CountingEngine, Engine};
 use alignx_consumer::metrics::Metrics;
-use alignx_consumer::onnx_engine::OnnxEngine;
+use alignx_consumer::onnx_engine::{OnnxEngine, ServeOptions};
 use alignx_consumer::onnx_model::DeviceChoice;
 use alignx_consumer::pipeline::{self, Exit};
 use alignx_consumer::reload::{Loader, Reload};
@@ -117,10 +117,17 @@ fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         top_p: a.top_p.unwrap_or(1.0),
         repetition_penalty: a.repetition_penalty,
     };
-    let engine = OnnxEngine::load(runtime, &a.model_dir, a.device, a.threads, Some(params), a.max_new_tokens)
+    let options = ServeOptions {
+        device: a.device,
+        threads: a.threads,
+        sampling: Some(params),
+        max_new_tokens: a.max_new_tokens,
+        max_rows: 1,
+    };
+    let engine = OnnxEngine::load(runtime, &a.model_dir, &options, None)
         .with_context(|| format!("load the model in {}", a.model_dir.display()))?;
     let started = std::time::Instant::now();
-    let (mut done, _) = engine.complete(&[prompt], &[params], &[a.seed])?;
+    let mut done = engine.complete(&[prompt], &[params], &[a.seed])?;
     let c = done.remove(0)?;
     let (text, finish, prompt_tokens, generated) = (c.text, c.finish, c.prompt_tokens, c.generated_tokens);
     let seconds = started.elapsed().as_secs_f64();
@@ -176,11 +183,18 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             let runtime = onnx_runtime::init(cfg.ort_library.as_deref())?;
             let e = cfg.engine.clone();
             let m = metrics.clone();
+            let options = ServeOptions {
+                device: e.device,
+                threads: e.threads,
+                sampling: e.sampling,
+                max_new_tokens: e.max_new_tokens,
+                // Enough rows for every engine call in flight.
+                max_rows: e.batch_size * e.concurrency,
+            };
             let loader: Loader = Arc::new(move |dir: &std::path::Path| {
-                let engine =
-                    OnnxEngine::load(runtime, dir, e.device, e.threads, e.sampling, e.max_new_tokens)
-                        .with_context(|| format!("load the model in {}", dir.display()))?;
-                Ok(Arc::new(engine.with_metrics(m.clone())) as Arc<dyn Engine>)
+                let engine = OnnxEngine::load(runtime, dir, &options, Some(m.clone()))
+                    .with_context(|| format!("load the model in {}", dir.display()))?;
+                Ok(Arc::new(engine) as Arc<dyn Engine>)
             });
             let engine = loader(&dir)?;
             tracing::info!(model = engine.model_id(), provider = engine.provider(), "model loaded");

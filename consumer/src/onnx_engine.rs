@@ -3,12 +3,13 @@
 //! decode. Parsing `<answer>` stays with the pipeline.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use crate::engine::{Engine, EngineError, Generation, UpdateRequest};
 use crate::metrics::Metrics;
-use crate::onnx_model::{DeviceChoice, Finish, ModelError, OnnxModel, Timings};
+use crate::onnx_model::{Batcher, DeviceChoice, Finish, ModelError, OnnxModel, StepReport, Timings};
 use crate::onnx_runtime::OrtRuntime;
 use crate::sampler::SamplingParams;
 
@@ -31,12 +32,26 @@ pub struct Completion {
 }
 
 pub struct OnnxEngine {
-    model: OnnxModel,
-    tokenizer: tokenizers::Tokenizer,
+    model: Arc<OnnxModel>,
+    /// Requests of concurrent `generate` calls share one running batch.
+    batcher: Batcher,
+    tokenizer: Arc<tokenizers::Tokenizer>,
     bos: String,
     model_id: String,
     params: SamplingParams,
-    metrics: Option<Metrics>,
+}
+
+/// How a model is served.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    pub device: DeviceChoice,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    pub threads: usize,
+    /// Overrides `generation_config.json`'s sampling defaults when given.
+    pub sampling: Option<SamplingParams>,
+    pub max_new_tokens: usize,
+    /// Rows of the continuous batch.
+    pub max_rows: usize,
 }
 
 #[derive(Deserialize)]
@@ -53,17 +68,15 @@ enum TokenText {
 }
 
 impl OnnxEngine {
-    /// Loads a model directory. `params` overrides `generation_config.json`'s sampling
-    /// defaults field by field when given.
+    /// Loads a model directory and starts its continuous batcher; engine time per phase
+    /// goes to `metrics` when given.
     pub fn load(
         runtime: &OrtRuntime,
         dir: &Path,
-        device: DeviceChoice,
-        threads: usize,
-        params: Option<SamplingParams>,
-        max_new_tokens: usize,
+        options: &ServeOptions,
+        metrics: Option<Metrics>,
     ) -> Result<Self, ModelError> {
-        let model = OnnxModel::load(runtime, dir, device, threads)?;
+        let model = Arc::new(OnnxModel::load(runtime, dir, options.device, options.threads)?);
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
             return Err(ModelError::Missing { dir: dir.to_owned(), what: "tokenizer.json".into() });
@@ -84,20 +97,25 @@ impl OnnxEngine {
                 TokenText::Added { content } => content,
             })
             .unwrap_or_default();
-        let mut params = params.unwrap_or(model.defaults);
-        params.max_new_tokens = max_new_tokens;
+        let mut params = options.sampling.unwrap_or(model.defaults);
+        params.max_new_tokens = options.max_new_tokens;
         let model_id = dir
             .canonicalize()
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| dir.display().to_string());
-        Ok(Self { model, tokenizer, bos, model_id, params, metrics: None })
-    }
-
-    /// Reports engine time by phase to these metrics.
-    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
-        self.metrics = Some(metrics);
-        self
+        let report: Option<StepReport> = metrics.map(|m| {
+            Box::new(move |t: &Timings| {
+                if t.prefill_s > 0.0 {
+                    m.engine_seconds.with_label_values(&["prefill"]).observe(t.prefill_s);
+                }
+                if t.decode_s > 0.0 {
+                    m.engine_seconds.with_label_values(&["decode"]).observe(t.decode_s + t.sampling_s);
+                }
+            }) as StepReport
+        });
+        let batcher = model.clone().continuous(options.max_rows, report);
+        Ok(Self { model, batcher, tokenizer: Arc::new(tokenizer), bos, model_id, params })
     }
 
     pub fn model(&self) -> &OnnxModel {
@@ -129,7 +147,7 @@ impl OnnxEngine {
         prompts: &[String],
         params: &[SamplingParams],
         seeds: &[u64],
-    ) -> Result<(Vec<Result<Completion, EngineError>>, Timings), EngineError> {
+    ) -> Result<Vec<Result<Completion, EngineError>>, EngineError> {
         // Prompts that do not fit the context fail alone; the rest run as one batch.
         let mut results: Vec<Option<Result<Completion, EngineError>>> = vec![None; prompts.len()];
         let mut rows = Vec::new();
@@ -155,17 +173,20 @@ impl OnnxEngine {
             row_params.push(params);
             row_seeds.push(seeds[i]);
         }
-        let stop = |_: usize, tokens: &[u32]| {
+        let tokenizer = self.tokenizer.clone();
+        let stop = Arc::new(move |tokens: &[u32]| {
             let tail = &tokens[tokens.len().saturating_sub(STOP_WINDOW)..];
-            self.tokenizer
-                .decode(tail, false)
-                .is_ok_and(|text| STOP_STRINGS.iter().any(|s| text.ends_with(s)))
-        };
-        let (outputs, timings) = self
-            .model
-            .generate(&encoded, &row_params, &row_seeds, stop)
-            .map_err(|e| EngineError::Failed(e.to_string()))?;
+            tokenizer.decode(tail, false).is_ok_and(|text| STOP_STRINGS.iter().any(|s| text.ends_with(s)))
+        });
+        let outputs = self.batcher.generate(&encoded, &row_params, &row_seeds, stop);
         for ((o, prompt), i) in outputs.into_iter().zip(&encoded).zip(rows) {
+            let o = match o {
+                Ok(o) => o,
+                Err(e) => {
+                    results[i] = Some(Err(EngineError::Failed(e.to_string())));
+                    continue;
+                }
+            };
             let body = match o.finish {
                 Finish::Eos => &o.tokens[..o.tokens.len() - 1],
                 _ => &o.tokens[..],
@@ -177,7 +198,7 @@ impl OnnxEngine {
                 generated_tokens: o.tokens.len(),
             }));
         }
-        Ok((results.into_iter().map(|r| r.expect("every prompt has a result")).collect(), timings))
+        Ok(results.into_iter().map(|r| r.expect("every prompt has a result")).collect())
     }
 }
 
@@ -208,11 +229,7 @@ impl Engine for OnnxEngine {
         let prompts: Vec<String> = batch.iter().map(|r| r.prompt.clone()).collect();
         let params = vec![self.params; batch.len()];
         let seeds: Vec<u64> = batch.iter().map(|r| r.seed).collect();
-        let (done, timings) = self.complete(&prompts, &params, &seeds)?;
-        if let Some(m) = &self.metrics {
-            m.engine_seconds.with_label_values(&["prefill"]).observe(timings.prefill_s);
-            m.engine_seconds.with_label_values(&["decode"]).observe(timings.decode_s + timings.sampling_s);
-        }
+        let done = self.complete(&prompts, &params, &seeds)?;
         Ok(done
             .into_iter()
             .map(|c| {

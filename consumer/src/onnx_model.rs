@@ -304,8 +304,8 @@ impl OnnxModel {
         }
     }
 
-    /// Continues every prompt. `params[i]` and `seeds[i]` belong to prompt `i`;
-    /// `stop(i, tokens)` is asked after each new token of prompt `i`.
+    /// Continues every prompt as one static batch. `params[i]` and `seeds[i]` belong to
+    /// prompt `i`; `stop(i, tokens)` is asked after each new token of prompt `i`.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -313,123 +313,397 @@ impl OnnxModel {
         seeds: &[u64],
         mut stop: impl FnMut(usize, &[u32]) -> bool,
     ) -> Result<(Vec<Output>, Timings), ModelError> {
-        let n = prompts.len();
         let mut timings = Timings::default();
-        let mut out: Vec<Output> = vec![Output { tokens: Vec::new(), finish: Finish::Length }; n];
-        if n == 0 {
-            return Ok((out, timings));
+        let mut out: Vec<Option<Output>> = vec![None; prompts.len()];
+        if prompts.is_empty() {
+            return Ok((Vec::new(), timings));
         }
-        let mut rngs: Vec<Rng> = seeds.iter().map(|&s| Rng::new(s)).collect();
-        let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        // Left padding: every row's last real token is in the last column.
+        let rows: Vec<Row> = prompts
+            .iter()
+            .zip(params)
+            .zip(seeds)
+            .enumerate()
+            .map(|(i, ((p, params), &seed))| Row::new(i, p.clone(), *params, seed))
+            .collect();
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.prefill(&mut session, rows, &mut timings)?;
+        loop {
+            for row in self.sample(&mut running, &mut |r: &Row| stop(r.id, &r.tokens), &mut timings)? {
+                let id = row.id;
+                out[id] = Some(row.into_output());
+            }
+            if running.rows.is_empty() {
+                break;
+            }
+            self.decode(&mut session, &mut running, &mut timings)?;
+        }
+        Ok((out.into_iter().map(|o| o.expect("every row finishes")).collect(), timings))
+    }
+
+    /// Runs the prompts of `rows` (left-padded) through the model with an empty cache.
+    fn prefill(
+        &self,
+        session: &mut Session,
+        rows: Vec<Row>,
+        timings: &mut Timings,
+    ) -> Result<Running, ModelError> {
+        let n = rows.len();
+        let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0).max(1);
         let mut ids = vec![0i64; n * width];
-        let mut mask: Vec<Vec<i64>> = vec![vec![0; width]; n];
         let mut positions = vec![0i64; n * width];
-        for (r, p) in prompts.iter().enumerate() {
-            let start = width - p.len();
-            for (j, &t) in p.iter().enumerate() {
+        let mut masks = Vec::with_capacity(n);
+        for (r, row) in rows.iter().enumerate() {
+            let start = width - row.prompt.len();
+            let mut mask = vec![0i64; width];
+            for (j, &t) in row.prompt.iter().enumerate() {
                 ids[r * width + start + j] = i64::from(t);
-                mask[r][start + j] = 1;
+                mask[start + j] = 1;
                 positions[r * width + start + j] = j as i64;
             }
+            masks.push(mask);
         }
-        let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-        let mut past: Vec<DynValue> =
-            (0..2 * self.layers).map(|_| self.empty_past(n)).collect::<Result<_, _>>()?;
-        let mut active: Vec<usize> = (0..n).collect();
-        let mut step_ids = ids;
-        let mut step_pos = positions;
-        let mut step_len = width;
-        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let m = active.len();
-            let total = mask[active[0]].len();
-            let flat_mask: Vec<i64> = active.iter().flat_map(|&r| mask[r].iter().copied()).collect();
-            let mut inputs: Vec<(String, DynValue)> = vec![
-                (
-                    "input_ids".into(),
-                    Tensor::from_array((vec![m as i64, step_len as i64], step_ids))?.into_dyn(),
-                ),
-                (
-                    "attention_mask".into(),
-                    Tensor::from_array((vec![m as i64, total as i64], flat_mask))?.into_dyn(),
-                ),
-                (
-                    "position_ids".into(),
-                    Tensor::from_array((vec![m as i64, step_len as i64], step_pos))?.into_dyn(),
-                ),
-            ];
-            for (i, value) in past.drain(..).enumerate() {
-                let kind = if i % 2 == 0 { "key" } else { "value" };
-                inputs.push((format!("past_key_values.{}.{kind}", i / 2), value));
+        let past = (0..2 * self.layers).map(|_| self.empty_past(n)).collect::<Result<_, _>>()?;
+        let mut running = Running { rows, masks, past, logits: Vec::new(), vocab: 0 };
+        let started = std::time::Instant::now();
+        self.forward(session, &mut running, ids, positions, width)?;
+        timings.prefill_s += started.elapsed().as_secs_f64();
+        for row in &mut running.rows {
+            row.next_pos = row.prompt.len() as i64;
+        }
+        Ok(running)
+    }
+
+    /// One decode step: each row's last sampled token in, next logits out.
+    fn decode(
+        &self,
+        session: &mut Session,
+        running: &mut Running,
+        timings: &mut Timings,
+    ) -> Result<(), ModelError> {
+        let ids: Vec<i64> =
+            running.rows.iter().map(|r| i64::from(*r.tokens.last().expect("sampled"))).collect();
+        let positions: Vec<i64> = running.rows.iter().map(|r| r.next_pos).collect();
+        for mask in &mut running.masks {
+            mask.push(1);
+        }
+        let started = std::time::Instant::now();
+        self.forward(session, running, ids, positions, 1)?;
+        timings.decode_s += started.elapsed().as_secs_f64();
+        for row in &mut running.rows {
+            row.next_pos += 1;
+        }
+        Ok(())
+    }
+
+    /// Runs the graph on `running`'s cache; keeps the presents as the next past and the
+    /// last position's logits of every row.
+    fn forward(
+        &self,
+        session: &mut Session,
+        running: &mut Running,
+        ids: Vec<i64>,
+        positions: Vec<i64>,
+        len: usize,
+    ) -> Result<(), ModelError> {
+        let m = running.rows.len() as i64;
+        let total = running.masks[0].len() as i64;
+        let flat_mask: Vec<i64> = running.masks.iter().flatten().copied().collect();
+        let mut inputs: Vec<(String, DynValue)> = vec![
+            ("input_ids".into(), Tensor::from_array((vec![m, len as i64], ids))?.into_dyn()),
+            ("attention_mask".into(), Tensor::from_array((vec![m, total], flat_mask))?.into_dyn()),
+            ("position_ids".into(), Tensor::from_array((vec![m, len as i64], positions))?.into_dyn()),
+        ];
+        for (i, value) in running.past.drain(..).enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            inputs.push((format!("past_key_values.{}.{kind}", i / 2), value));
+        }
+        let mut outputs = session.run(inputs)?;
+        for i in 0..self.layers {
+            for kind in ["key", "value"] {
+                let name = format!("present.{i}.{kind}");
+                running
+                    .past
+                    .push(outputs.remove(&name).ok_or_else(|| ModelError::Ort(format!("no {name} output")))?);
             }
-            let started = std::time::Instant::now();
-            let mut outputs = session.run(inputs)?;
-            let elapsed = started.elapsed().as_secs_f64();
-            if step_len > 1 || total == step_len {
-                timings.prefill_s += elapsed;
+        }
+        let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+        let (seq, vocab) = (shape[1] as usize, shape[2] as usize);
+        running.vocab = vocab;
+        running.logits.clear();
+        for r in 0..m as usize {
+            let start = (r * seq + seq - 1) * vocab;
+            running.logits.extend_from_slice(&logits[start..start + vocab]);
+        }
+        Ok(())
+    }
+
+    /// Samples every row's next token; rows that finish leave the batch (their cache rows
+    /// are dropped) and are returned.
+    fn sample(
+        &self,
+        running: &mut Running,
+        stop: &mut dyn FnMut(&Row) -> bool,
+        timings: &mut Timings,
+    ) -> Result<Vec<Row>, ModelError> {
+        let started = std::time::Instant::now();
+        let vocab = running.vocab;
+        let mut keep = Vec::with_capacity(running.rows.len());
+        for (slot, row) in running.rows.iter_mut().enumerate() {
+            let mut logits = running.logits[slot * vocab..(slot + 1) * vocab].to_vec();
+            if row.params.repetition_penalty != 1.0 {
+                penalise(&mut logits, &row.prompt, row.params.repetition_penalty);
+                penalise(&mut logits, &row.tokens, row.params.repetition_penalty);
+            }
+            let token = sample(&logits, &row.params, &mut row.rng);
+            row.tokens.push(token);
+            row.finish = if self.eos.contains(&token) {
+                Some(Finish::Eos)
+            } else if stop(row) {
+                Some(Finish::Stop)
+            } else if row.tokens.len() >= row.params.max_new_tokens {
+                Some(Finish::Length)
             } else {
-                timings.decode_s += elapsed;
+                None
+            };
+            if row.finish.is_none() {
+                keep.push(slot);
             }
-            for i in 0..self.layers {
-                for kind in ["key", "value"] {
-                    let name = format!("present.{i}.{kind}");
-                    past.push(
-                        outputs.remove(&name).ok_or_else(|| ModelError::Ort(format!("no {name} output")))?,
-                    );
-                }
-            }
-            let sampling = std::time::Instant::now();
-            let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
-            let (seq, vocab) = (shape[1] as usize, shape[2] as usize);
-            let mut keep = Vec::with_capacity(m);
-            let mut next = Vec::with_capacity(m);
-            for (slot, &r) in active.iter().enumerate() {
-                let start = (slot * seq + seq - 1) * vocab;
-                let mut row = logits[start..start + vocab].to_vec();
-                let p = &params[r];
-                if p.repetition_penalty != 1.0 {
-                    penalise(&mut row, &prompts[r], p.repetition_penalty);
-                    penalise(&mut row, &out[r].tokens, p.repetition_penalty);
-                }
-                let token = sample(&row, p, &mut rngs[r]);
-                let o = &mut out[r];
-                o.tokens.push(token);
-                let finish = if self.eos.contains(&token) {
-                    Some(Finish::Eos)
-                } else if stop(r, &o.tokens) {
-                    Some(Finish::Stop)
-                } else if o.tokens.len() >= p.max_new_tokens {
-                    Some(Finish::Length)
+        }
+        let mut done = Vec::new();
+        if keep.len() < running.rows.len() {
+            running.past =
+                running.past.iter().map(|v| self.select_rows(v, &keep)).collect::<Result<_, _>>()?;
+            let rows = std::mem::take(&mut running.rows);
+            let masks = std::mem::take(&mut running.masks);
+            for (slot, (row, mask)) in rows.into_iter().zip(masks).enumerate() {
+                if keep.contains(&slot) {
+                    running.rows.push(row);
+                    running.masks.push(mask);
                 } else {
-                    None
-                };
-                match finish {
-                    Some(f) => o.finish = f,
-                    None => {
-                        keep.push(slot);
-                        next.push(i64::from(token));
-                    }
+                    done.push(row);
                 }
             }
-            drop(outputs);
-            timings.sampling_s += sampling.elapsed().as_secs_f64();
-            if keep.is_empty() {
-                return Ok((out, timings));
+        }
+        timings.sampling_s += started.elapsed().as_secs_f64();
+        Ok(done)
+    }
+
+    /// Joins two running batches: the shorter cache is left-padded (masked out) to the
+    /// longer one's length, then the rows are stacked.
+    fn merge(&self, a: Running, b: Running) -> Result<Running, ModelError> {
+        if a.rows.is_empty() {
+            return Ok(b);
+        }
+        if b.rows.is_empty() {
+            return Ok(a);
+        }
+        let (la, lb) = (a.masks[0].len(), b.masks[0].len());
+        let len = la.max(lb);
+        let mut past = Vec::with_capacity(a.past.len());
+        for (x, y) in a.past.iter().zip(&b.past) {
+            past.push(self.stack_padded(x, la, y, lb, len)?);
+        }
+        let pad = |mut m: Vec<i64>, l: usize| {
+            let mut v = vec![0i64; len - l];
+            v.append(&mut m);
+            v
+        };
+        let mut masks: Vec<Vec<i64>> = a.masks.into_iter().map(|m| pad(m, la)).collect();
+        masks.extend(b.masks.into_iter().map(|m| pad(m, lb)));
+        let mut logits = a.logits;
+        logits.extend(b.logits);
+        let mut rows = a.rows;
+        rows.extend(b.rows);
+        Ok(Running { rows, masks, past, logits, vocab: a.vocab.max(b.vocab) })
+    }
+
+    /// `[ra, h, la, d]` and `[rb, h, lb, d]` → `[ra + rb, h, len, d]`, zeros on the left.
+    fn stack_padded(
+        &self,
+        x: &DynValue,
+        la: usize,
+        y: &DynValue,
+        lb: usize,
+        len: usize,
+    ) -> Result<DynValue, ModelError> {
+        fn go<T: Copy + Default + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
+            x: &DynValue,
+            la: usize,
+            y: &DynValue,
+            lb: usize,
+            len: usize,
+        ) -> Result<DynValue, ModelError> {
+            let (sx, dx) = x.try_extract_tensor::<T>()?;
+            let (sy, dy) = y.try_extract_tensor::<T>()?;
+            let (heads, d) = (sx[1] as usize, sx[3] as usize);
+            let rows = (sx[0] + sy[0]) as usize;
+            let mut out = Vec::with_capacity(rows * heads * len * d);
+            for (data, l, n) in [(dx, la, sx[0] as usize), (dy, lb, sy[0] as usize)] {
+                for block in 0..n * heads {
+                    out.extend(std::iter::repeat_n(T::default(), (len - l) * d));
+                    out.extend_from_slice(&data[block * l * d..(block + 1) * l * d]);
+                }
             }
-            if keep.len() < m {
-                past = past.iter().map(|v| self.select_rows(v, &keep)).collect::<Result<_, _>>()?;
-                active = keep.iter().map(|&s| active[s]).collect();
-            }
-            for &r in &active {
-                mask[r].push(1);
-            }
-            step_pos = active.iter().map(|&r| next_pos[r]).collect();
-            for &r in &active {
-                next_pos[r] += 1;
-            }
-            step_ids = next;
-            step_len = 1;
+            Ok(Tensor::from_array((vec![rows as i64, heads as i64, len as i64, d as i64], out))?.into_dyn())
+        }
+        match self.kv {
+            KvType::F32 => go::<f32>(x, la, y, lb, len),
+            KvType::F16 => go::<f16>(x, la, y, lb, len),
         }
     }
+
+    /// Starts the continuous batcher: a thread that owns generation and admits new
+    /// requests into the running batch between decode steps (up to `max_rows` rows), so
+    /// a short request never waits for a long batch to finish.
+    /// `report` receives each step's timings.
+    pub fn continuous(self: std::sync::Arc<Self>, max_rows: usize, report: Option<StepReport>) -> Batcher {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let model = self;
+        std::thread::Builder::new()
+            .name("alignx-batcher".into())
+            .spawn(move || model.serve(rx, max_rows.max(1), report))
+            .expect("spawn the batcher thread");
+        Batcher { tx }
+    }
+
+    fn serve(&self, rx: std::sync::mpsc::Receiver<Job>, max_rows: usize, report: Option<StepReport>) {
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = Running::default();
+        let mut jobs: std::collections::HashMap<usize, Job> = std::collections::HashMap::new();
+        let mut next_id = 0usize;
+        loop {
+            // Admit waiting requests: block only when there is nothing to decode.
+            let mut admitted = Vec::new();
+            while running.rows.len() + admitted.len() < max_rows {
+                let job = if running.rows.is_empty() && admitted.is_empty() {
+                    match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => return, // every handle dropped
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(j) => j,
+                        Err(_) => break,
+                    }
+                };
+                let id = next_id;
+                next_id += 1;
+                admitted.push(Row::new(id, job.prompt.clone(), job.params, job.seed));
+                jobs.insert(id, job);
+            }
+            let mut timings = Timings::default();
+            let result = (|| -> Result<(), ModelError> {
+                if !admitted.is_empty() {
+                    let mut fresh = self.prefill(&mut session, admitted, &mut timings)?;
+                    let mut stop = |r: &Row| (jobs[&r.id].stop)(&r.tokens);
+                    for row in self.sample(&mut fresh, &mut stop, &mut timings)? {
+                        if let Some(job) = jobs.remove(&row.id) {
+                            let _ = job.reply.send(Ok(row.into_output()));
+                        }
+                    }
+                    running = self.merge(std::mem::take(&mut running), fresh)?;
+                } else {
+                    self.decode(&mut session, &mut running, &mut timings)?;
+                    let mut stop = |r: &Row| (jobs[&r.id].stop)(&r.tokens);
+                    for row in self.sample(&mut running, &mut stop, &mut timings)? {
+                        if let Some(job) = jobs.remove(&row.id) {
+                            let _ = job.reply.send(Ok(row.into_output()));
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            if let Some(report) = &report {
+                report(&timings);
+            }
+            if let Err(e) = result {
+                // A failed step fails every request in it; the batcher starts afresh.
+                for (_, job) in jobs.drain() {
+                    let _ = job.reply.send(Err(ModelError::Ort(e.to_string())));
+                }
+                running = Running::default();
+            }
+        }
+    }
+}
+
+/// Whether a row's generated tokens end with a stop condition (e.g. a stop string).
+pub type StopFn = std::sync::Arc<dyn Fn(&[u32]) -> bool + Send + Sync>;
+
+/// Receives the timings of each batcher step (prefill of new rows, or one decode step).
+pub type StepReport = Box<dyn Fn(&Timings) + Send>;
+
+/// A request to the continuous batcher.
+struct Job {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    seed: u64,
+    stop: StopFn,
+    reply: std::sync::mpsc::Sender<Result<Output, ModelError>>,
+}
+
+/// Handle to the continuous batcher thread; cloneable, usable from any thread.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: std::sync::mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Generates for these prompts, sharing the running batch with everyone else's.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &[SamplingParams],
+        seeds: &[u64],
+        stop: StopFn,
+    ) -> Vec<Result<Output, ModelError>> {
+        let receivers: Vec<_> = prompts
+            .iter()
+            .zip(params)
+            .zip(seeds)
+            .map(|((p, params), &seed)| {
+                let (reply, rx) = std::sync::mpsc::channel();
+                let job = Job { prompt: p.clone(), params: *params, seed, stop: stop.clone(), reply };
+                self.tx.send(job).map(|_| rx).map_err(|_| ModelError::Ort("the batcher stopped".into()))
+            })
+            .collect();
+        receivers
+            .into_iter()
+            .map(|rx| rx?.recv().map_err(|_| ModelError::Ort("the batcher stopped".into()))?)
+            .collect()
+    }
+}
+
+/// One sequence being generated.
+struct Row {
+    /// The caller's index for it.
+    id: usize,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    rng: Rng,
+    tokens: Vec<u32>,
+    finish: Option<Finish>,
+    /// Position id of the next token fed in.
+    next_pos: i64,
+}
+
+impl Row {
+    fn new(id: usize, prompt: Vec<u32>, params: SamplingParams, seed: u64) -> Self {
+        Self { id, prompt, params, rng: Rng::new(seed), tokens: Vec::new(), finish: None, next_pos: 0 }
+    }
+
+    fn into_output(self) -> Output {
+        Output { tokens: self.tokens, finish: self.finish.unwrap_or(Finish::Length) }
+    }
+}
+
+/// A batch in the middle of generation: its rows, their attention masks (all the same
+/// length, the cache's), the cache, and the last step's logits per row.
+#[derive(Default)]
+struct Running {
+    rows: Vec<Row>,
+    masks: Vec<Vec<i64>>,
+    past: Vec<DynValue>,
+    logits: Vec<f32>,
+    vocab: usize,
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use alignx_consumer::engine::{Engine, UpdateRequest};
-use alignx_consumer::onnx_engine::OnnxEngine;
+use alignx_consumer::onnx_engine::{OnnxEngine, ServeOptions};
 use alignx_consumer::onnx_model::{DeviceChoice, Finish, OnnxModel};
 use alignx_consumer::onnx_runtime;
 use alignx_consumer::sampler::SamplingParams;
@@ -16,6 +16,10 @@ use alignx_trainer::init::{Preset, init};
 use alignx_trainer::model_dir::{self, Dtype};
 use alignx_trainer::onnx::export::{self, ExportDtype};
 use tch::Device;
+
+fn serve(device: DeviceChoice, max_new_tokens: usize) -> ServeOptions {
+    ServeOptions { device, threads: 1, sampling: None, max_new_tokens, max_rows: 8 }
+}
 
 /// A tiny random model (its tokenizer trained on a small corpus) and its ONNX export.
 fn tiny(dir: &Path, dtype: ExportDtype) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -99,6 +103,58 @@ fn greedy_generation_matches_the_trainer_token_for_token() {
     }
 }
 
+/// Requests that join a running batch mid-generation (their caches left-padded to the
+/// batch's length) get exactly the tokens they get alone; with fewer rows than requests
+/// the rest wait their turn.
+#[test]
+fn continuous_batching_admits_requests_mid_generation_without_changing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    let loaded = model_dir::load(&model_dir, Device::Cpu, Dtype::Fp32).unwrap();
+    let runtime = onnx_runtime::init(None).unwrap();
+    let texts = [
+        "A conversation between User and",
+        "short",
+        "User 7 likes short answers with examples;",
+        "Assistant: <think> the",
+    ];
+    let prompts: Vec<Vec<u32>> =
+        texts.iter().map(|t| loaded.tokenizer.encode(*t, false).unwrap().get_ids().to_vec()).collect();
+    // The first row runs long, so the later requests arrive while it is generating.
+    let params = [
+        SamplingParams::greedy(160),
+        SamplingParams::greedy(6),
+        SamplingParams::greedy(20),
+        SamplingParams::greedy(25),
+    ];
+    let model = std::sync::Arc::new(OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1).unwrap());
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&params)
+        .map(|(p, params)| {
+            model
+                .generate(std::slice::from_ref(p), &[*params], &[0], |_, _| false)
+                .unwrap()
+                .0
+                .remove(0)
+                .tokens
+        })
+        .collect();
+    for max_rows in [8, 2] {
+        let batcher = model.clone().continuous(max_rows, None);
+        let never: std::sync::Arc<dyn Fn(&[u32]) -> bool + Send + Sync> =
+            std::sync::Arc::new(|_: &[u32]| false);
+        let (b, stop) = (batcher.clone(), never.clone());
+        let (p01, pa) = (prompts[..2].to_vec(), params[..2].to_vec());
+        let first = std::thread::spawn(move || b.generate(&p01, &pa, &[0, 0], stop));
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        let second = batcher.generate(&prompts[2..], &params[2..], &[0, 0], never);
+        let mut got: Vec<Vec<u32>> = first.join().unwrap().into_iter().map(|o| o.unwrap().tokens).collect();
+        got.extend(second.into_iter().map(|o| o.unwrap().tokens));
+        assert_eq!(got, alone, "max_rows {max_rows}");
+    }
+}
+
 #[test]
 fn fp16_exports_generate_and_rows_finish_independently() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,7 +179,7 @@ fn the_engine_renders_with_the_models_bos_and_stops_at_stop_strings() {
     let dir = tempfile::tempdir().unwrap();
     let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
     let runtime = onnx_runtime::init(None).unwrap();
-    let engine = OnnxEngine::load(runtime, &onnx_dir, DeviceChoice::Auto, 1, None, 40).unwrap();
+    let engine = OnnxEngine::load(runtime, &onnx_dir, &serve(DeviceChoice::Auto, 40), None).unwrap();
     assert_eq!(engine.bos(), "<|begin_of_text|>", "from tokenizer_config.json");
     assert_eq!(engine.provider(), "cpu", "no GPU here: auto falls back to the CPU");
     let request = |seed| UpdateRequest {
@@ -152,7 +208,7 @@ fn a_prompt_too_long_for_the_context_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
     let runtime = onnx_runtime::init(None).unwrap();
-    let engine = OnnxEngine::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1, None, 40).unwrap();
+    let engine = OnnxEngine::load(runtime, &onnx_dir, &serve(DeviceChoice::Cpu, 40), None).unwrap();
     assert_eq!(engine.max_prompt_tokens(), Some(2048 - 40), "the context less the generation budget");
     let request = |prompt: String| UpdateRequest {
         user_id: "u".into(),
@@ -176,7 +232,7 @@ fn a_model_dir_missing_pieces_is_refused_by_name() {
     assert!(err.to_string().contains("model.onnx is missing"), "{err}");
     let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
     std::fs::remove_file(onnx_dir.join("tokenizer.json")).unwrap();
-    let err = OnnxEngine::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1, None, 8).err().unwrap();
+    let err = OnnxEngine::load(runtime, &onnx_dir, &serve(DeviceChoice::Cpu, 8), None).err().unwrap();
     assert!(err.to_string().contains("tokenizer.json is missing"), "{err}");
     let err = OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cuda, 1).err().unwrap();
     assert!(err.to_string().contains("CUDA"), "--device cuda fails loudly: {err}");
