@@ -142,8 +142,7 @@ fn continuous_batching_admits_requests_mid_generation_without_changing_them() {
         .collect();
     for max_rows in [8, 2] {
         let batcher = model.clone().continuous(max_rows, None);
-        let never: std::sync::Arc<dyn Fn(&[u32]) -> bool + Send + Sync> =
-            std::sync::Arc::new(|_: &[u32]| false);
+        let never: alignx_consumer::onnx_model::StopFn = std::sync::Arc::new(|_: &[u32]| false);
         let (b, stop) = (batcher.clone(), never.clone());
         let (p01, pa) = (prompts[..2].to_vec(), params[..2].to_vec());
         let first = std::thread::spawn(move || b.generate(&p01, &pa, &[0, 0], stop));
