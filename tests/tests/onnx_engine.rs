@@ -491,3 +491,129 @@ fn a_new_model_version_is_swapped_in_without_losing_work() {
         "the old series is gone"
     );
 }
+
+/// The consumer e2e on a model that has learnt the output format: the tiny model is
+/// fine-tuned (SFT, a minute on this CPU) to answer `<answer>Prefers concise
+/// answers.</answer>`, exported, and served — summaries in Redis are parsed from its
+/// real generations.
+#[test]
+fn a_fine_tuned_model_writes_the_summaries() {
+    use alignx_schemas::keys::UserKeys;
+    use alignx_schemas::prompt::{Evidence, Setting, Templates};
+    use alignx_schemas::{Limits, validate_signal};
+    use alignx_tests::services::{start_redis, start_tansu};
+    use alignx_tests::stream::{ConsumerProcess, create_topics, expected_counts, produce, scenario};
+    use alignx_trainer::sft::{self, SftConfig};
+
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, _) = tiny(dir.path(), ExportDtype::Fp32);
+    // Cold-start data in the consumer's own prompt format, from a synthetic stream.
+    let templates = Templates::default();
+    let stream = scenario(16, 64, 0, 21);
+    let mut data = String::new();
+    for (i, chunk) in stream.chunks(2).enumerate() {
+        let signals: Vec<_> = chunk
+            .iter()
+            .map(|m| validate_signal(&m.payload, Some(m.key.as_bytes()), &Limits::default()).unwrap())
+            .collect();
+        let past = (i % 2 == 1).then_some("Prefers concise answers.");
+        let prompt = templates.render(
+            "<|begin_of_text|>",
+            Setting::Streaming { past },
+            &Evidence::from_signals(&signals),
+        );
+        let response = " The user is brief. </think> <answer>Prefers concise answers.</answer>";
+        data.push_str(&serde_json::json!({"prompt": prompt, "response": response}).to_string());
+        data.push('\n');
+    }
+    let data_path = dir.path().join("cold_start.jsonl");
+    std::fs::write(&data_path, data).unwrap();
+    let tuned = dir.path().join("tuned");
+    let summary = sft::run(&SftConfig {
+        model: model_dir,
+        data: data_path,
+        out: tuned.clone(),
+        epochs: 30,
+        max_steps: Some(60),
+        batch_size: 8,
+        grad_accum: 1,
+        lr: 3e-3,
+        warmup_steps: 5,
+        min_lr_ratio: 0.1,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        max_length: 1024,
+        save_every: 0,
+        seed: 1,
+        resume: None,
+        device: Device::Cpu,
+        dtype: Dtype::Fp32,
+        progress: false,
+        lora: None,
+    })
+    .unwrap();
+    let last = summary.losses.last().copied().unwrap();
+    println!(
+        "sft: {} steps, {} tokens in {:.1}s ({:.0} tok/s)",
+        summary.steps, summary.tokens, summary.seconds, summary.tokens_per_second
+    );
+    assert!(last < 0.5, "the format is learnt: loss {:?} → {last}", summary.losses.first());
+    let served = dir.path().join("tuned-onnx");
+    let options = export::ExportOptions { logits: export::Logits::Last, ..Default::default() };
+    export::export(&tuned, &served, &options).unwrap();
+
+    let broker = start_tansu().unwrap();
+    let brokers = broker.addr().to_string();
+    create_topics(&brokers, 2).unwrap();
+    let redis = start_redis().unwrap();
+    let redis_url = format!("redis://{}/", redis.addr());
+    let messages = scenario(5, 20, 0, 4);
+    produce(&brokers, &messages).unwrap();
+    let mut consumer = ConsumerProcess::start(
+        &brokers,
+        &redis_url,
+        &[
+            "--engine",
+            "onnx",
+            "--model-dir",
+            served.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "40",
+        ],
+    )
+    .unwrap();
+    let expected = expected_counts(&messages);
+    let mut r = redis::Client::open(redis_url.as_str()).unwrap().get_connection().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        assert!(consumer.is_running(), "{}", consumer.log());
+        let states: Vec<(Option<u64>, Option<u64>, Option<String>)> = expected
+            .keys()
+            .map(|u| {
+                redis::cmd("HMGET")
+                    .arg(UserKeys::new(u).summary)
+                    .arg("signals_applied")
+                    .arg("signals_failed")
+                    .arg("summary")
+                    .query(&mut r)
+                    .unwrap()
+            })
+            .collect();
+        let consumed: u64 = states.iter().map(|(a, f, _)| a.unwrap_or(0) + f.unwrap_or(0)).sum();
+        if consumed == messages.len() as u64 {
+            let summaries: Vec<&str> = states.iter().filter_map(|(_, _, s)| s.as_deref()).collect();
+            assert!(!summaries.is_empty(), "no user got a summary");
+            assert!(summaries.iter().all(|s| *s == "Prefers concise answers."), "{summaries:?}");
+            let applied: u64 = states.iter().map(|(a, _, _)| a.unwrap_or(0)).sum();
+            println!(
+                "{applied} of {consumed} signals applied through real generations; summaries {summaries:?}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{consumed} consumed:\n{}", consumer.log());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
