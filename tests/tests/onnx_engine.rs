@@ -493,7 +493,7 @@ fn a_new_model_version_is_swapped_in_without_losing_work() {
 }
 
 /// The consumer e2e on a model that has learnt the output format: the tiny model is
-/// fine-tuned (SFT, a minute on this CPU) to answer `<answer>Prefers concise
+/// fine-tuned (SFT, ~2 minutes on this 2-core CPU) to answer `<answer>Prefers concise
 /// answers.</answer>`, exported, and served — summaries in Redis are parsed from its
 /// real generations.
 #[test]
@@ -535,7 +535,7 @@ fn a_fine_tuned_model_writes_the_summaries() {
         data: data_path,
         out: tuned.clone(),
         epochs: 30,
-        max_steps: Some(60),
+        max_steps: Some(120),
         batch_size: 8,
         grad_accum: 1,
         lr: 3e-3,
