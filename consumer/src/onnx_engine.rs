@@ -118,14 +118,6 @@ impl OnnxEngine {
         Ok(Self { model, batcher, tokenizer: Arc::new(tokenizer), bos, model_id, params })
     }
 
-    pub fn model(&self) -> &OnnxModel {
-        &self.model
-    }
-
-    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
-        &self.tokenizer
-    }
-
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         // The prompt already starts with the BOS text; add nothing.
         Ok(self

@@ -115,7 +115,6 @@ pub struct Timings {
 /// A loaded model graph with what generation needs to know about it.
 pub struct OnnxModel {
     session: Mutex<Session>,
-    path: PathBuf,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -224,7 +223,6 @@ impl OnnxModel {
         }
         Ok(Self {
             session: Mutex::new(session),
-            path,
             layers,
             kv_heads,
             head_dim,
@@ -268,10 +266,6 @@ impl OnnxModel {
                 Ok((cpu()?, "cpu"))
             }
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn empty_past(&self, rows: usize) -> Result<DynValue, ModelError> {
@@ -595,21 +589,11 @@ impl OnnxModel {
             let result = (|| -> Result<(), ModelError> {
                 if !admitted.is_empty() {
                     let mut fresh = self.prefill(&mut session, admitted, &mut timings)?;
-                    let mut stop = |r: &Row| (jobs[&r.id].stop)(&r.tokens);
-                    for row in self.sample(&mut fresh, &mut stop, &mut timings)? {
-                        if let Some(job) = jobs.remove(&row.id) {
-                            let _ = job.reply.send(Ok(row.into_output()));
-                        }
-                    }
+                    self.sample_and_reply(&mut fresh, &mut jobs, &mut timings)?;
                     running = self.merge(std::mem::take(&mut running), fresh)?;
                 } else {
                     self.decode(&mut session, &mut running, &mut timings)?;
-                    let mut stop = |r: &Row| (jobs[&r.id].stop)(&r.tokens);
-                    for row in self.sample(&mut running, &mut stop, &mut timings)? {
-                        if let Some(job) = jobs.remove(&row.id) {
-                            let _ = job.reply.send(Ok(row.into_output()));
-                        }
-                    }
+                    self.sample_and_reply(&mut running, &mut jobs, &mut timings)?;
                 }
                 Ok(())
             })();
@@ -632,6 +616,24 @@ pub type StopFn = std::sync::Arc<dyn Fn(&[u32]) -> bool + Send + Sync>;
 
 /// Receives the timings of each batcher step (prefill of new rows, or one decode step).
 pub type StepReport = Box<dyn Fn(&Timings) + Send>;
+
+impl OnnxModel {
+    /// Samples the next token of every row; rows that finish are answered and leave.
+    fn sample_and_reply(
+        &self,
+        batch: &mut Running,
+        jobs: &mut std::collections::HashMap<usize, Job>,
+        timings: &mut Timings,
+    ) -> Result<(), ModelError> {
+        let mut stop = |r: &Row| (jobs[&r.id].stop)(&r.tokens);
+        for row in self.sample(batch, &mut stop, timings)? {
+            if let Some(job) = jobs.remove(&row.id) {
+                let _ = job.reply.send(Ok(row.into_output()));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A request to the continuous batcher.
 struct Job {

@@ -36,7 +36,7 @@ use crate::offsets::PartitionOffsets;
 use crate::redis_conn::RedisConn;
 use crate::reload::Reload;
 use crate::sink::{Rejected, Sink};
-use crate::store::Store;
+use crate::store::{Store, UserRecord};
 use crate::update::{Updater, known, now_ms, redis_retry};
 use crate::window::{Finished, Pushed, Windows};
 
@@ -206,10 +206,15 @@ impl Pipeline {
         let Some(records) = loaded else { return };
         for ((user, partition), rec) in unknown.into_iter().zip(records) {
             self.windows.insert(user, known(&rec), partition);
-            if rec.outbox.is_some() {
-                let (updater, user) = (self.updater.clone(), user.to_owned());
-                self.rt.spawn(async move { updater.resend_outbox(&user, &rec).await });
-            }
+            self.resend_outbox(user.to_owned(), rec);
+        }
+    }
+
+    /// Re-sends, in the background, a log record a previous owner left unconfirmed.
+    fn resend_outbox(&self, user: String, rec: UserRecord) {
+        if rec.outbox.is_some() {
+            let updater = self.updater.clone();
+            self.rt.spawn(async move { updater.resend_outbox(&user, &rec).await });
         }
     }
 
@@ -341,10 +346,7 @@ impl Pipeline {
         let todo = self.windows.unpersisted(cutoff);
         if !todo.is_empty() {
             let topic = &self.cfg.kafka.input_topic;
-            let mut by_partition: HashMap<String, Vec<&str>> = HashMap::new();
-            for (user, partition, _) in &todo {
-                by_partition.entry(pending_index(topic, *partition)).or_default().push(user);
-            }
+            let by_partition = by_index(topic, todo.iter().map(|(u, p, _)| (*p, &**u)));
             let store = &self.updater.store;
             let stamp = now_ms();
             let indexed = self.redis_blocking("index pending users", || {
@@ -370,10 +372,7 @@ impl Pipeline {
         let emptied = self.windows.take_emptied();
         if !emptied.is_empty() {
             let topic = &self.cfg.kafka.input_topic;
-            let mut by_partition: HashMap<String, Vec<&str>> = HashMap::new();
-            for (p, user) in &emptied {
-                by_partition.entry(pending_index(topic, *p)).or_default().push(user);
-            }
+            let by_partition = by_index(topic, emptied.iter().map(|(p, u)| (*p, &**u)));
             let store = &self.updater.store;
             // A failure leaves stale index entries, which the next owner cleans up.
             self.redis_blocking("unindex users", || {
@@ -514,10 +513,7 @@ impl Pipeline {
                     now.checked_sub(Duration::from_millis(now_ms.saturating_sub(since_ms))).unwrap_or(now);
                 resumed += pending.len();
                 self.windows.restore(&id, pending, since, now);
-                if rec.outbox.is_some() {
-                    let updater = self.updater.clone();
-                    self.rt.spawn(async move { updater.resend_outbox(&user, &rec).await });
-                }
+                self.resend_outbox(user, rec);
             }
         }
         if resumed > 0 {
@@ -536,6 +532,15 @@ impl Pipeline {
         self.drain(DRAIN_TIMEOUT);
         self.checkpoint(consumer, CommitMode::Sync, Duration::ZERO);
     }
+}
+
+/// Users grouped by the pending index of their partition.
+fn by_index<'a>(topic: &str, users: impl Iterator<Item = (i32, &'a str)>) -> HashMap<String, Vec<&'a str>> {
+    let mut out: HashMap<String, Vec<&str>> = HashMap::new();
+    for (partition, user) in users {
+        out.entry(pending_index(topic, partition)).or_default().push(user);
+    }
+    out
 }
 
 fn lock(p: &Mutex<Pipeline>) -> std::sync::MutexGuard<'_, Pipeline> {

@@ -24,6 +24,7 @@ pub mod inference_log;
 pub mod keys;
 pub mod problem;
 pub mod prompt;
+pub mod rng;
 pub mod signal;
 pub mod summary;
 pub mod training;
