@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use half::f16;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
 use serde::Deserialize;
 
 use crate::onnx_runtime::OrtRuntime;
@@ -138,6 +139,20 @@ fn read_json<T: serde::de::DeserializeOwned>(
     let bad = |message: String| ModelError::BadFile { dir: dir.to_owned(), file, message };
     let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
     serde_json::from_str(&text).map(Some).map_err(|e| bad(e.to_string()))
+}
+
+fn host_memory() -> Result<MemoryInfo<'static>, ModelError> {
+    Ok(MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?)
+}
+
+/// A host copy of `value` when it lives in device memory (`None`: readable as it is).
+/// Only batch re-layouts (rows leaving or joining) need this; steady decoding never does.
+fn host_copy(value: &DynValue) -> Result<Option<DynValue>, ModelError> {
+    let tensor = value.view().downcast::<DynTensorValueType>()?;
+    if tensor.memory_info().is_cpu_accessible() {
+        return Ok(None);
+    }
+    Ok(Some(tensor.to(AllocationDevice::CPU, 0)?.into()))
 }
 
 fn tensor_type(vt: &ValueType) -> Option<(TensorElementType, Vec<i64>)> {
@@ -276,12 +291,23 @@ impl OnnxModel {
         })
     }
 
+    /// Where the key/value cache lives between steps: the GPU on CUDA, else the host.
+    fn kv_memory(&self) -> Result<MemoryInfo<'static>, ModelError> {
+        if self.provider == "cuda" {
+            Ok(MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default)?)
+        } else {
+            host_memory()
+        }
+    }
+
     /// Keeps rows `keep` (in order) of a `[rows, …]` cache tensor.
     fn select_rows(&self, value: &DynValue, keep: &[usize]) -> Result<DynValue, ModelError> {
         fn pick<T: Copy + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
             value: &DynValue,
             keep: &[usize],
         ) -> Result<DynValue, ModelError> {
+            let copy = host_copy(value)?;
+            let value = copy.as_ref().unwrap_or(value);
             let (shape, data) = value.try_extract_tensor::<T>()?;
             let per_row = data.len() / (shape[0].max(1) as usize);
             let mut out = Vec::with_capacity(per_row * keep.len());
@@ -411,7 +437,21 @@ impl OnnxModel {
             let kind = if i % 2 == 0 { "key" } else { "value" };
             inputs.push((format!("past_key_values.{}.{kind}", i / 2), value));
         }
-        let mut outputs = session.run(inputs)?;
+        // Bound rather than plain `run`: the presents stay where the provider made them
+        // (GPU memory on CUDA) and go back in as the next step's past without a round
+        // trip through the host; only the logits come to the CPU for sampling.
+        let mut binding = session.create_binding()?;
+        for (name, value) in &inputs {
+            binding.bind_input(name.as_str(), value)?;
+        }
+        let kv_memory = self.kv_memory()?;
+        for i in 0..self.layers {
+            for kind in ["key", "value"] {
+                binding.bind_output_to_device(format!("present.{i}.{kind}"), &kv_memory)?;
+            }
+        }
+        binding.bind_output_to_device("logits", &host_memory()?)?;
+        let mut outputs = session.run_binding(&binding)?;
         for i in 0..self.layers {
             for kind in ["key", "value"] {
                 let name = format!("present.{i}.{kind}");
@@ -527,6 +567,8 @@ impl OnnxModel {
             lb: usize,
             len: usize,
         ) -> Result<DynValue, ModelError> {
+            let (cx, cy) = (host_copy(x)?, host_copy(y)?);
+            let (x, y) = (cx.as_ref().unwrap_or(x), cy.as_ref().unwrap_or(y));
             let (sx, dx) = x.try_extract_tensor::<T>()?;
             let (sy, dy) = y.try_extract_tensor::<T>()?;
             let (heads, d) = (sx[1] as usize, sx[3] as usize);
@@ -553,11 +595,11 @@ impl OnnxModel {
     pub fn continuous(self: std::sync::Arc<Self>, max_rows: usize, report: Option<StepReport>) -> Batcher {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let model = self;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("alignx-batcher".into())
             .spawn(move || model.serve(rx, max_rows.max(1), report))
             .expect("spawn the batcher thread");
-        Batcher { tx }
+        Batcher { tx: Some(tx), thread: Some(thread) }
     }
 
     fn serve(&self, rx: std::sync::mpsc::Receiver<Job>, max_rows: usize, report: Option<StepReport>) {
@@ -644,10 +686,24 @@ struct Job {
     reply: std::sync::mpsc::Sender<Result<Output, ModelError>>,
 }
 
-/// Handle to the continuous batcher thread; cloneable, usable from any thread.
-#[derive(Clone)]
+/// Handle to the continuous batcher thread, usable from any thread; dropping it stops
+/// the thread and waits for it.
 pub struct Batcher {
-    tx: std::sync::mpsc::Sender<Job>,
+    /// `None` only while dropping.
+    tx: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Batcher {
+    /// Closes the queue and waits for the batcher thread, so its session is released
+    /// before the process can exit: ONNX Runtime's CUDA provider crashes at exit when a
+    /// session is still being torn down on another thread.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Batcher {
@@ -666,7 +722,8 @@ impl Batcher {
             .map(|((p, params), &seed)| {
                 let (reply, rx) = std::sync::mpsc::channel();
                 let job = Job { prompt: p.clone(), params: *params, seed, stop: stop.clone(), reply };
-                self.tx.send(job).map(|_| rx).map_err(|_| ModelError::Ort("the batcher stopped".into()))
+                let tx = self.tx.as_ref().expect("set until drop");
+                tx.send(job).map(|_| rx).map_err(|_| ModelError::Ort("the batcher stopped".into()))
             })
             .collect();
         receivers

@@ -5,6 +5,12 @@
 //! 128 new tokens, a ~5M-parameter Qwen2 (hidden 256, 4 layers, vocab 4096). Also where
 //! the engine's time goes (prefill, decode, sampling; tokenisation measured apart).
 //! JSON to the path given as the first argument.
+//!
+//! On a GPU machine: `ALIGNX_BENCH_DEVICE=cuda` runs both engines on CUDA, and
+//! `ALIGNX_BENCH_MODEL=qwen2-0.5b` swaps in Qwen2-0.5B's body (hidden 896, 24 layers,
+//! 14 heads, 2 KV heads) in fp16 with random weights — the size of model this service is
+//! meant to serve. `ALIGNX_BENCH_WORKDIR` keeps the model directories (for a peer to
+//! load the same weights).
 
 use std::path::Path;
 use std::time::Instant;
@@ -92,38 +98,70 @@ fn no_cache(
 
 fn main() {
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/bench/engine.json".into());
+    let cuda = match std::env::var("ALIGNX_BENCH_DEVICE").as_deref() {
+        Ok("cuda") => true,
+        Ok("cpu") | Err(_) => false,
+        Ok(other) => panic!("ALIGNX_BENCH_DEVICE={other}: cpu or cuda"),
+    };
+    let large = match std::env::var("ALIGNX_BENCH_MODEL").as_deref() {
+        Ok("qwen2-0.5b") => true,
+        Ok("small") | Err(_) => false,
+        Ok(other) => panic!("ALIGNX_BENCH_MODEL={other}: small or qwen2-0.5b"),
+    };
+    let (tch_device, device, dtype, export_dtype) = if cuda {
+        {
+            // The trainer's resolver loads libtorch_cuda.so, which nothing links directly.
+            let tch = alignx_trainer::device::resolve(alignx_trainer::device::DeviceChoice::Cuda).unwrap();
+            (tch, DeviceChoice::Cuda, Dtype::Fp16, ExportDtype::Fp16)
+        }
+    } else {
+        (tch::Device::Cpu, DeviceChoice::Cpu, Dtype::Fp32, ExportDtype::Fp32)
+    };
     tch::set_num_threads(1);
-    let dir = tempfile::tempdir().unwrap();
-    let corpus_path = dir.path().join("corpus.txt");
+    let temp = tempfile::tempdir().unwrap();
+    let work = std::env::var_os("ALIGNX_BENCH_WORKDIR").map_or_else(|| temp.path().to_owned(), Into::into);
+    std::fs::create_dir_all(&work).unwrap();
+    let corpus_path = work.join("corpus.txt");
     corpus(&corpus_path);
-    let shape = Shape {
-        hidden_size: 256,
-        intermediate_size: 1024,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        vocab_size: 4096,
-        max_position_embeddings: 1024,
-        tie_word_embeddings: true,
+    let shape = if large {
+        Shape {
+            hidden_size: 896,
+            intermediate_size: 4864,
+            num_hidden_layers: 24,
+            num_attention_heads: 14,
+            num_key_value_heads: 2,
+            vocab_size: 32_768,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: true,
+        }
+    } else {
+        Shape {
+            hidden_size: 256,
+            intermediate_size: 1024,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            vocab_size: 4096,
+            max_position_embeddings: 1024,
+            tie_word_embeddings: true,
+        }
     };
-    let model_dir = dir.path().join("model");
-    let config = init(&corpus_path, &shape, 0, &model_dir, false).unwrap();
-    let onnx_dir = dir.path().join("onnx");
+    let model_dir = work.join("model");
+    let config = init(&corpus_path, &shape, 0, &model_dir, true).unwrap();
+    let onnx_dir = work.join("onnx");
     // Served as the consumer would be: logits for the last position only.
-    let options = export::ExportOptions {
-        dtype: ExportDtype::Fp32,
-        logits: export::Logits::Last,
-        ..Default::default()
-    };
+    let options =
+        export::ExportOptions { dtype: export_dtype, logits: export::Logits::Last, ..Default::default() };
     export::export(&model_dir, &onnx_dir, &options).unwrap();
     without_eos(&onnx_dir);
     let vocab = config.vocab_size as u64;
-    let loaded = model_dir::load(&model_dir, tch::Device::Cpu, Dtype::Fp32).unwrap();
+    let loaded = model_dir::load(&model_dir, tch_device, dtype).unwrap();
     let params: i64 = loaded.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
-    eprintln!("model: {params} parameters, vocab {vocab}");
+    eprintln!("model: {params} parameters, vocab {vocab}, device {device:?}, dtype {dtype:?}");
 
     let runtime = onnx_runtime::init(None).unwrap();
-    let model = OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1).unwrap();
+    let model = OnnxModel::load(runtime, &onnx_dir, device, 1).unwrap();
+    assert_eq!(model.provider, if cuda { "cuda" } else { "cpu" });
     let mut rows = Vec::new();
     for batch in [1usize, 8, 32] {
         let ps = prompts(batch, vocab);
@@ -135,14 +173,8 @@ fn main() {
 
         let ids: Vec<Vec<i64>> = ps.iter().map(|p| p.iter().map(|&t| i64::from(t)).collect()).collect();
         let t = Instant::now();
-        let tch_out = generate::generate(
-            &loaded.model,
-            &ids,
-            &TchParams::greedy(NEW),
-            &[],
-            |_, _| false,
-            tch::Device::Cpu,
-        );
+        let tch_out =
+            generate::generate(&loaded.model, &ids, &TchParams::greedy(NEW), &[], |_, _| false, tch_device);
         let tch_s = t.elapsed().as_secs_f64();
         let tch_tokens: usize = tch_out.iter().map(|g| g.tokens.len()).sum();
         let same = outs
@@ -161,20 +193,26 @@ fn main() {
         eprintln!("{row}");
         rows.push(row);
     }
-    // Without a KV cache, batch 1 (it is slow).
-    let mut session = runtime
-        .session_builder()
-        .unwrap()
-        .with_intra_threads(1)
-        .unwrap()
-        .commit_from_file(onnx_dir.join("model.onnx"))
-        .unwrap();
+    // Without a KV cache, batch 1 (it is slow): the small model on the CPU only.
+    let no_cache_row = if cuda || large {
+        Value::Null
+    } else {
+        let mut session = runtime
+            .session_builder()
+            .unwrap()
+            .with_intra_threads(1)
+            .unwrap()
+            .commit_from_file(onnx_dir.join("model.onnx"))
+            .unwrap();
+        let p = &prompts(1, vocab)[0];
+        let t = Instant::now();
+        let n = no_cache(&mut session, 4, 2, 64, p);
+        let seconds = t.elapsed().as_secs_f64();
+        let batch1 = rows[0]["onnx_kv_cache"]["tokens_per_second"].as_f64().unwrap();
+        json!({ "tokens_per_second": n as f64 / seconds, "seconds": seconds,
+                "kv_cache_speedup": batch1 / (n as f64 / seconds) })
+    };
     let p = &prompts(1, vocab)[0];
-    let t = Instant::now();
-    let n = no_cache(&mut session, 4, 2, 64, p);
-    let no_cache_s = t.elapsed().as_secs_f64();
-    let no_cache_tps = n as f64 / no_cache_s;
-    let batch1 = rows[0]["onnx_kv_cache"]["tokens_per_second"].as_f64().unwrap();
 
     // Tokenisation, apart: encoding a ~200-token prompt and decoding 128 tokens.
     let text: String = std::fs::read_to_string(&corpus_path).unwrap().chars().take(700).collect();
@@ -193,13 +231,15 @@ fn main() {
     let decode_s = t.elapsed().as_secs_f64() / reps as f64;
 
     let report = json!({
-        "model": { "parameters": params, "hidden": 256, "layers": 4, "vocab": vocab, "dtype": "fp32", "export_logits": "last" },
+        "model": { "parameters": params, "hidden": shape.hidden_size, "layers": shape.num_hidden_layers,
+            "vocab": vocab, "dtype": format!("{dtype:?}"), "export_logits": "last" },
+        "device": if cuda { "cuda" } else { "cpu" }, "onnx_provider": model.provider,
         "threads": 1, "prompt_tokens": PROMPT, "new_tokens": NEW, "sampling": "greedy",
         "batches": rows,
-        "onnx_no_kv_cache_batch1": { "tokens_per_second": no_cache_tps, "seconds": no_cache_s },
-        "kv_cache_speedup_batch1": batch1 / no_cache_tps,
+        "onnx_no_kv_cache_batch1": no_cache_row,
         "tokenization": { "encode_prompt_seconds": encode_s, "prompt_tokens": encoded, "decode_128_tokens_seconds": decode_s },
-        "peer_hf_transformers_reference_tokens_per_second": { "batch1": 235.0, "batch32": 1600.0, "batch1_no_cache": 36.0 },
+        "peer_hf_transformers_reference_tokens_per_second": if cuda || large { Value::Null } else {
+            json!({ "batch1": 235.0, "batch32": 1600.0, "batch1_no_cache": 36.0 }) },
     });
     std::fs::create_dir_all(Path::new(&out).parent().unwrap()).unwrap();
     std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();

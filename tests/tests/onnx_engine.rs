@@ -143,12 +143,13 @@ fn continuous_batching_admits_requests_mid_generation_without_changing_them() {
     for max_rows in [8, 2] {
         let batcher = model.clone().continuous(max_rows, None);
         let never: alignx_consumer::onnx_model::StopFn = std::sync::Arc::new(|_: &[u32]| false);
-        let (b, stop) = (batcher.clone(), never.clone());
-        let (p01, pa) = (prompts[..2].to_vec(), params[..2].to_vec());
-        let first = std::thread::spawn(move || b.generate(&p01, &pa, &[0, 0], stop));
-        std::thread::sleep(std::time::Duration::from_millis(15));
-        let second = batcher.generate(&prompts[2..], &params[2..], &[0, 0], never);
-        let mut got: Vec<Vec<u32>> = first.join().unwrap().into_iter().map(|o| o.unwrap().tokens).collect();
+        let (first, second) = std::thread::scope(|s| {
+            let first = s.spawn(|| batcher.generate(&prompts[..2], &params[..2], &[0, 0], never.clone()));
+            std::thread::sleep(std::time::Duration::from_millis(15));
+            let second = batcher.generate(&prompts[2..], &params[2..], &[0, 0], never.clone());
+            (first.join().unwrap(), second)
+        });
+        let mut got: Vec<Vec<u32>> = first.into_iter().map(|o| o.unwrap().tokens).collect();
         got.extend(second.into_iter().map(|o| o.unwrap().tokens));
         assert_eq!(got, alone, "max_rows {max_rows}");
     }
