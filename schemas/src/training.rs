@@ -106,7 +106,7 @@ pub struct StreamingEntry {
 pub struct StreamingRlRecord(pub Vec<StreamingEntry>);
 
 /// A preference pair in an eval record's behaviour history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct HistoryPair {
     pub prompt: String,
     pub chosen: String,
@@ -154,6 +154,13 @@ pub struct EvalRecord {
     #[serde(rename = "responseB")]
     pub response_b: String,
     pub answer: Choice,
+    /// Our extension (synthetic world): whose history this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// Our extension (synthetic world): the user's true preferences as a summary, the
+    /// judge's upper bound in evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent_summary: Option<String>,
 }
 
 /// A record format the trainer reads: how to check one record.
@@ -294,6 +301,8 @@ impl TrainingRecord for EvalRecord {
             response_a: a?,
             response_b: b?,
             answer: answer?,
+            user_id: obj.get("user_id").and_then(Value::as_str).map(str::to_owned),
+            latent_summary: obj.get("latent_summary").and_then(Value::as_str).map(str::to_owned),
         })
     }
 }

@@ -5,13 +5,17 @@
 //! - [`checkpoint`]: HF model directories: safetensors (sharded or not) by parameter name.
 //! - [`device`]: `--device cpu|cuda|auto`, loading libtorch's CUDA part on GPU machines.
 //! - [`generate`]: batched KV-cached sampling (greedy, temperature, top-k, top-p, stops).
+//! - [`eval`]: `alignx-trainer eval`, ACC_jud of policy summaries next to baselines.
 //! - [`init`]: `alignx-trainer init`, a new tiny model directory (presets, BPE tokenizer).
+//! - [`judge`]: the judge's ChatML prompt and A-vs-B scoring by next-token log-probs.
 //! - [`lora`]: LoRA adapters in the PEFT layout; merging into base weights.
 //! - [`model_dir`]: load a model directory (config, weights, tokenizer, EOS ids).
 //! - [`onnx`]: ONNX protobuf messages and graph-building helpers for the exporter.
 //! - [`qwen2`]: the Qwen2 decoder with HF parameter names and a caller-owned KV cache.
+//! - [`recipe`]: `alignx-trainer recipe tiny`, the cached end-to-end tiny model build.
 //! - [`rng`]: the seeded SplitMix64 RNG behind sampling and data order.
 //! - [`sft`]: `alignx-trainer sft`, response-only loss, exact resumes.
+//! - [`synth`]: `alignx-trainer synth`, the deterministic synthetic preference world.
 //! - [`tokenizer`]: byte-level BPE training (exact round trips) and `tokenizer.json` loading.
 //! - [`optim`]: AdamW (state saved for exact resumes), warmup+cosine schedule, clipping.
 //! - [`prompt_cmd`]: `alignx-trainer prompt`, rendering the prompt protocol of
@@ -19,14 +23,18 @@
 
 pub mod checkpoint;
 pub mod device;
+pub mod eval;
 pub mod generate;
 pub mod init;
+pub mod judge;
 pub mod lora;
 pub mod model_dir;
 pub mod onnx;
 pub mod optim;
 pub mod prompt_cmd;
 pub mod qwen2;
+pub mod recipe;
 pub mod rng;
 pub mod sft;
+pub mod synth;
 pub mod tokenizer;

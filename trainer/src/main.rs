@@ -6,13 +6,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use alignx_trainer::device::{self, DeviceChoice};
+use alignx_trainer::eval::{self, EvalConfig, EvalSetting};
 use alignx_trainer::generate::{self, SamplingParams};
 use alignx_trainer::init::{self, Preset};
 use alignx_trainer::lora::LoraConfig;
 use alignx_trainer::model_dir::{self, Dtype};
 use alignx_trainer::onnx::export::{self, ExportDtype, ExportOptions, Logits};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
+use alignx_trainer::recipe::{self, TinyRecipe};
 use alignx_trainer::sft::{self, SftConfig};
+use alignx_trainer::synth::{self, SynthConfig};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
@@ -83,6 +86,93 @@ enum Command {
     /// Supervised fine-tuning on {prompt, response} records (JSON array or JSON Lines);
     /// loss on response tokens only. Prints a JSON summary on stdout.
     Sft(SftArgs),
+    /// Write a deterministic synthetic preference world: signal streams (signal.v1 JSONL),
+    /// cold_start, rl_train, streaming_rl_train, judge training data, eval data and the
+    /// users' latent preferences (users.jsonl), with train/holdout users split.
+    Synth(SynthArgs),
+    /// Build a model recipe end to end. `tiny`: synthetic world → tokenizer → judge SFT →
+    /// policy SFT → ONNX export → ACC_jud report, cached by a hash of its settings.
+    Recipe {
+        #[command(subcommand)]
+        recipe: RecipeCommand,
+    },
+    /// ACC_jud: generate summaries for eval users with a policy and score held-out pairs
+    /// with a judge, next to the no-summary and true-preference baselines. JSON report.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RecipeCommand {
+    /// The tiny recipe (≤ 10 minutes on two CPU cores).
+    Tiny(TinyArgs),
+}
+
+#[derive(Debug, Args)]
+struct TinyArgs {
+    /// Output directory (default: the cache, $ALIGNX_CACHE/recipes/KEY). Reused when it
+    /// holds a finished run.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = TinyRecipe::default().seed)]
+    seed: u64,
+    #[arg(long, default_value_t = TinyRecipe::default().users)]
+    users: usize,
+    #[arg(long, default_value_t = TinyRecipe::default().policy_steps)]
+    policy_steps: usize,
+    #[arg(long, default_value_t = TinyRecipe::default().judge_steps)]
+    judge_steps: usize,
+    /// Print where the recipe is (or would be) cached and exit.
+    #[arg(long)]
+    print_dir: bool,
+}
+
+#[derive(Debug, Args)]
+struct SynthArgs {
+    /// Number of users (at least 2).
+    #[arg(long)]
+    users: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+    /// Share of observed pairs with chosen and rejected swapped.
+    #[arg(long, default_value_t = SynthConfig::default().noise)]
+    noise: f64,
+    /// Share of users whose preferences change mid-stream.
+    #[arg(long, default_value_t = SynthConfig::default().shift_rate)]
+    shift_rate: f64,
+    /// Share of users held out for evaluation.
+    #[arg(long, default_value_t = SynthConfig::default().holdout)]
+    holdout: f64,
+    #[arg(long, default_value_t = SynthConfig::default().signals_per_user)]
+    signals_per_user: usize,
+    /// Styles to use, comma-separated (default: the whole catalogue).
+    #[arg(long, value_delimiter = ',')]
+    styles: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Policy model directory (omit: baselines only).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Judge model directory.
+    #[arg(long)]
+    judge: PathBuf,
+    /// Eval records (AlignX eval layout; JSON array or JSON Lines).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value = "streaming")]
+    setting: EvalSetting,
+    /// Pairs per prompt window.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceChoice,
 }
 
 #[derive(Debug, Args)]
@@ -316,6 +406,60 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_synth(a: SynthArgs) -> anyhow::Result<()> {
+    let cfg = SynthConfig {
+        users: a.users,
+        seed: a.seed,
+        noise: a.noise,
+        shift_rate: a.shift_rate,
+        holdout: a.holdout,
+        signals_per_user: a.signals_per_user,
+        styles: a.styles,
+        ..SynthConfig::default()
+    };
+    let summary = synth::generate(&cfg, &a.out)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn run_recipe(a: TinyArgs) -> anyhow::Result<()> {
+    let r = TinyRecipe {
+        seed: a.seed,
+        users: a.users,
+        policy_steps: a.policy_steps,
+        judge_steps: a.judge_steps,
+        ..TinyRecipe::default()
+    };
+    let out = a.out.unwrap_or_else(|| recipe::cache_dir(&r));
+    if a.print_dir {
+        println!("{}", out.display());
+        return Ok(());
+    }
+    // Both cores: the recipe is the only work running.
+    tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+    tch::manual_seed(r.seed as i64);
+    let dir = recipe::tiny(&r, &out, true)?;
+    let report = std::fs::read_to_string(dir.join("report.json"))?;
+    println!("{report}");
+    eprintln!("recipe: {}", dir.display());
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let report = eval::run(&EvalConfig {
+        policy: a.policy,
+        judge: a.judge,
+        data: a.data,
+        setting: a.setting,
+        window: a.window,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        device: device::resolve(a.device)?,
+    })?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -337,6 +481,9 @@ fn main() -> ExitCode {
         Command::Init(args) => report(run_init(args)),
         Command::Generate(args) => report(run_generate(args)),
         Command::Sft(args) => report(run_sft(args)),
+        Command::Synth(args) => report(run_synth(args)),
+        Command::Recipe { recipe: RecipeCommand::Tiny(args) } => report(run_recipe(args)),
+        Command::Eval(args) => report(run_eval(args)),
         Command::ExportOnnx { model, out, dtype, logits } => {
             report(run_export(&model, &out, &ExportOptions { dtype, logits, force_external: false }))
         }

@@ -510,6 +510,18 @@ impl Qwen2 {
         position_ids: &Tensor,
         cache: &mut KvCache,
     ) -> Tensor {
+        self.logits(&self.hidden(input_ids, attention_mask, position_ids, cache))
+    }
+
+    /// The final (normed) hidden states `[batch, seq, hidden]`; [`Qwen2::forward`]
+    /// without the output projection, for callers that need logits at a few positions.
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
         let (_, seq) = input_ids.size2().expect("input_ids are [batch, seq]");
         cache.layers.resize_with(self.layers.len(), || None);
         let past = cache.past_len();
@@ -519,9 +531,13 @@ impl Qwen2 {
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &cos_sin, &mask, layer_cache);
         }
-        let x = self.norm.forward(&x);
+        self.norm.forward(&x)
+    }
+
+    /// f32 logits `[…, vocab]` for hidden states `[…, hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        x.matmul(&head.transpose(0, 1)).to_kind(Kind::Float)
+        hidden.matmul(&head.transpose(0, 1)).to_kind(Kind::Float)
     }
 
     /// Logits for unpadded sequences without a cache: positions `0..seq`, all visible.

@@ -267,10 +267,19 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         for micro in chosen.chunks(cfg.batch_size) {
             let (ids, mask, positions, targets, tmask) = batch(micro, cfg.device);
             tokens += mask.sum(Kind::Int64).int64_value(&[]) as u64;
-            let logits = loaded.model.forward(&ids, &mask, &positions, &mut crate::qwen2::KvCache::new());
-            let logp =
-                logits.log_softmax(-1, Kind::Float).gather(-1, &targets.unsqueeze(-1), false).squeeze_dim(-1);
-            let nll = -(logp * &tmask).sum(Kind::Float);
+            // Logits only where the loss is: response tokens are a small share of each
+            // sequence, and the [batch, seq, vocab] tensor is the biggest of the step.
+            let hidden = loaded.model.hidden(&ids, &mask, &positions, &mut crate::qwen2::KvCache::new());
+            let rows = tmask.flatten(0, -1).nonzero().squeeze_dim(-1);
+            let hidden = hidden.flatten(0, 1).index_select(0, &rows);
+            let targets = targets.flatten(0, -1).index_select(0, &rows);
+            let logp = loaded
+                .model
+                .logits(&hidden)
+                .log_softmax(-1, Kind::Float)
+                .gather(-1, &targets.unsqueeze(-1), false)
+                .squeeze_dim(-1);
+            let nll = -logp.sum(Kind::Float);
             loss_sum += nll.double_value(&[]);
             (nll / step_targets as f64).backward();
         }

@@ -1,0 +1,264 @@
+//! `alignx-trainer eval`: ACC_jud — how often a judge, reading a user's preference
+//! summary, picks the response the user really chose on held-out comparisons.
+//!
+//! Summaries come from a policy (generated from the user's history), and two baselines
+//! are scored on the same items: no summary (≈ 50% for a judge that has learnt nothing
+//! about the user) and, when the eval records carry it, the user's true preferences
+//! (`latent_summary`, our synthetic world's extension) — the judge's upper bound.
+//!
+//! Histories are read as the paper's eval data holds them: the user's pairs, in order.
+//! The base setting shows the policy the last `window` pairs; the streaming setting walks
+//! the pairs window by window, each step's summary becoming the next step's past.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use alignx_schemas::prompt::{Evidence, Setting, Templates};
+use alignx_schemas::training::{EvalRecord, HistoryPair, read_records};
+use serde::Serialize;
+use tch::Device;
+
+use crate::generate::{self, SamplingParams};
+use crate::judge::{Judge, JudgeError, JudgeItem};
+use crate::model_dir::{self, Dtype, LoadError, LoadedModel};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalSetting {
+    Base,
+    Streaming,
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    pub policy: Option<PathBuf>,
+    pub judge: PathBuf,
+    pub data: PathBuf,
+    pub setting: EvalSetting,
+    pub window: usize,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    pub device: Device,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path}: {problems}")]
+    Invalid { path: PathBuf, problems: String },
+    #[error("{path}: no eval records")]
+    Empty { path: PathBuf },
+    #[error("policy model: {0}")]
+    Policy(#[from] LoadError),
+    #[error(transparent)]
+    Judge(#[from] JudgeError),
+    #[error("policy tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Accuracy of one summary source on the items.
+#[derive(Debug, Clone, Serialize)]
+pub struct Score {
+    /// Share of items where the judge's more likely answer is the user's (a tie counts ½).
+    pub acc_jud: f64,
+    /// Mean probability the judge gives the user's answer.
+    pub soft: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub data: String,
+    pub items: usize,
+    pub histories: usize,
+    pub setting: EvalSetting,
+    pub no_summary: Score,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latent_summary: Option<Score>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Score>,
+    /// Policy generations with no parsable `<answer>` (scored as no summary).
+    pub answer_failures: usize,
+    /// A few (history index, summary) for reading.
+    pub examples: Vec<String>,
+    pub seconds: f64,
+}
+
+fn score(
+    judge: &Judge,
+    records: &[EvalRecord],
+    summaries: &[&str],
+    batch: usize,
+) -> Result<Score, EvalError> {
+    let items: Vec<JudgeItem<'_>> = records
+        .iter()
+        .zip(summaries)
+        .map(|(r, s)| JudgeItem { post: &r.prompt, summary: s, a: &r.response_a, b: &r.response_b })
+        .collect();
+    let p = judge.prob_a(&items, batch)?;
+    let (mut acc, mut soft) = (0.0, 0.0);
+    for (r, pa) in records.iter().zip(&p) {
+        let right = if r.answer == alignx_schemas::training::Choice::A { *pa } else { 1.0 - pa };
+        soft += right;
+        acc += if right > 0.5 {
+            1.0
+        } else if right == 0.5 {
+            0.5
+        } else {
+            0.0
+        };
+    }
+    let n = records.len() as f64;
+    Ok(Score { acc_jud: acc / n, soft: soft / n })
+}
+
+/// The BOS text prompts start with: `tokenizer_config.json`'s `bos_token`, if any.
+pub fn bos_text(dir: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else { return String::new() };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return String::new() };
+    match &v["bos_token"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Greedy summaries for a batch of prompts (`None` where no `<answer>` was produced).
+pub fn summarise(
+    policy: &LoadedModel,
+    prompts: &[String],
+    max_new_tokens: usize,
+    batch: usize,
+    device: Device,
+) -> Result<Vec<Option<String>>, EvalError> {
+    let tok = &policy.tokenizer;
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch.max(1)) {
+        let ids: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|p| {
+                tok.encode(p.as_str(), false)
+                    .map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect())
+                    .map_err(|e| EvalError::Tokenizer(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        let decode = |t: &[i64]| tok.decode(&t.iter().map(|&i| i as u32).collect::<Vec<_>>(), false);
+        let stop = |_: usize, t: &[i64]| {
+            let tail = &t[t.len().saturating_sub(6)..];
+            decode(tail).is_ok_and(|s| s.contains("</answer>"))
+        };
+        let params = SamplingParams::greedy(max_new_tokens);
+        for g in generate::generate(&policy.model, &ids, &params, &policy.eos, stop, device) {
+            let text = decode(&g.tokens).map_err(|e| EvalError::Tokenizer(e.to_string()))?;
+            out.push(alignx_schemas::answer::parse_answer(&text, 2048).ok().map(|a| a.summary));
+        }
+    }
+    Ok(out)
+}
+
+fn evidence(pairs: &[HistoryPair]) -> Evidence {
+    Evidence { pairs: pairs.to_vec(), ..Evidence::default() }
+}
+
+/// One summary per distinct history.
+fn policy_summaries(
+    cfg: &EvalConfig,
+    policy: &LoadedModel,
+    histories: &[&[HistoryPair]],
+) -> Result<Vec<Option<String>>, EvalError> {
+    let templates = Templates::default();
+    let bos = bos_text(cfg.policy.as_deref().expect("policy set"));
+    let window = cfg.window.max(1);
+    match cfg.setting {
+        EvalSetting::Base => {
+            let prompts: Vec<String> = histories
+                .iter()
+                .map(|h| {
+                    templates.render(&bos, Setting::Base, &evidence(&h[h.len().saturating_sub(window)..]))
+                })
+                .collect();
+            summarise(policy, &prompts, cfg.max_new_tokens, cfg.batch_size, cfg.device)
+        }
+        EvalSetting::Streaming => {
+            let mut current: Vec<Option<String>> = vec![None; histories.len()];
+            let steps = histories.iter().map(|h| h.len().div_ceil(window)).max().unwrap_or(0);
+            for k in 0..steps {
+                let active: Vec<usize> =
+                    (0..histories.len()).filter(|&i| k * window < histories[i].len()).collect();
+                let prompts: Vec<String> = active
+                    .iter()
+                    .map(|&i| {
+                        let h = histories[i];
+                        let w = &h[k * window..((k + 1) * window).min(h.len())];
+                        templates.render(
+                            &bos,
+                            Setting::Streaming { past: current[i].as_deref() },
+                            &evidence(w),
+                        )
+                    })
+                    .collect();
+                let got = summarise(policy, &prompts, cfg.max_new_tokens, cfg.batch_size, cfg.device)?;
+                for (&i, s) in active.iter().zip(got) {
+                    // A failed step keeps the previous summary, as the consumer does.
+                    if s.is_some() {
+                        current[i] = s;
+                    }
+                }
+            }
+            Ok(current)
+        }
+    }
+}
+
+pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
+    let started = std::time::Instant::now();
+    let text = std::fs::read_to_string(&cfg.data)
+        .map_err(|e| EvalError::Read { path: cfg.data.clone(), message: e.to_string() })?;
+    let records: Vec<EvalRecord> = read_records(&text)
+        .map_err(|p| EvalError::Invalid { path: cfg.data.clone(), problems: p.to_string() })?;
+    if records.is_empty() {
+        return Err(EvalError::Empty { path: cfg.data.clone() });
+    }
+    let judge = Judge::load(&cfg.judge, cfg.device)?;
+    let batch = cfg.batch_size.max(1);
+    let none: Vec<&str> = vec![""; records.len()];
+    let no_summary = score(&judge, &records, &none, batch)?;
+    let latent = match records.iter().map(|r| r.latent_summary.as_deref()).collect::<Option<Vec<&str>>>() {
+        Some(s) => Some(score(&judge, &records, &s, batch)?),
+        None => None,
+    };
+
+    // Distinct histories, in first-seen order.
+    let mut index: HashMap<&[HistoryPair], usize> = HashMap::new();
+    let mut histories: Vec<&[HistoryPair]> = Vec::new();
+    let of: Vec<usize> = records
+        .iter()
+        .map(|r| {
+            *index.entry(r.pairs.as_slice()).or_insert_with(|| {
+                histories.push(r.pairs.as_slice());
+                histories.len() - 1
+            })
+        })
+        .collect();
+    let (mut policy_score, mut failures, mut examples) = (None, 0, Vec::new());
+    if let Some(dir) = &cfg.policy {
+        let policy = model_dir::load(dir, cfg.device, Dtype::Fp32)?;
+        let summaries = policy_summaries(cfg, &policy, &histories)?;
+        failures = summaries.iter().filter(|s| s.is_none()).count();
+        examples = summaries.iter().take(3).map(|s| s.clone().unwrap_or_default()).collect();
+        let per_item: Vec<&str> = of.iter().map(|&h| summaries[h].as_deref().unwrap_or("")).collect();
+        policy_score = Some(score(&judge, &records, &per_item, batch)?);
+    }
+    Ok(EvalReport {
+        data: cfg.data.display().to_string(),
+        items: records.len(),
+        histories: histories.len(),
+        setting: cfg.setting,
+        no_summary,
+        latent_summary: latent,
+        policy: policy_score,
+        answer_failures: failures,
+        examples,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,195 @@
+//! The judge (DESIGN.md §5, §6): given a user's preference summary, a post and two
+//! responses, which response does the user prefer? Scored, not generated: the judge's
+//! next-token log-probabilities of `A` vs `B` after the answer prefix
+//! (`{"selection": "Response `, [`Templates::judge_answer_prefix`]) — one deterministic
+//! forward pass per batch.
+//!
+//! Prompts use the ChatML layout Qwen models are trained on (`<|im_start|>role\n…<|im_end|>\n`),
+//! which our tiny tokenizers carry as special tokens.
+
+use std::path::Path;
+
+use alignx_schemas::prompt::{ChatMessage, Templates};
+use alignx_schemas::training::{Choice, ColdStartRecord};
+use tch::{Device, Kind, Tensor};
+
+use crate::model_dir::{self, Dtype, LoadError, LoadedModel};
+use crate::qwen2::KvCache;
+
+/// System message of the judge's auxiliary training task (naming each response's style).
+pub const READ_STYLES_SYSTEM: &str = "Name the style of each response.";
+
+/// Renders a chat in ChatML, ending with an open assistant turn.
+pub fn chatml(messages: &[ChatMessage]) -> String {
+    let mut out = String::new();
+    for m in messages {
+        out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+    }
+    out.push_str("<|im_start|>assistant\n");
+    out
+}
+
+/// A judge SFT example: the rendered chat, and the selection as the response.
+pub fn training_record(
+    templates: &Templates,
+    post: &str,
+    summary: &str,
+    a: &str,
+    b: &str,
+    answer: Choice,
+) -> ColdStartRecord {
+    let letter = if answer == Choice::A { "A" } else { "B" };
+    ColdStartRecord {
+        prompt: chatml(&templates.judge_messages(post, summary, a, b)),
+        response: format!("{}{letter}\"}}<|im_end|>", templates.judge_answer_prefix),
+    }
+}
+
+/// One comparison to judge.
+#[derive(Debug, Clone, Copy)]
+pub struct JudgeItem<'a> {
+    pub post: &'a str,
+    pub summary: &'a str,
+    pub a: &'a str,
+    pub b: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JudgeError {
+    #[error("judge model: {0}")]
+    Load(#[from] LoadError),
+    #[error("judge tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// A loaded judge model.
+pub struct Judge {
+    model: LoadedModel,
+    device: Device,
+    templates: Templates,
+    /// Token ids of the selection prefix shared by both answers, and the single tokens
+    /// that differ (`None`: the tokenizer splits the answers otherwise; then whole
+    /// continuations are scored).
+    prefix: Vec<i64>,
+    single: Option<(i64, i64)>,
+    tails: (Vec<i64>, Vec<i64>),
+}
+
+impl Judge {
+    pub fn load(dir: &Path, device: Device) -> Result<Self, JudgeError> {
+        let model = model_dir::load(dir, device, Dtype::Fp32)?;
+        let templates = Templates::default();
+        let encode = |t: &str| -> Result<Vec<i64>, JudgeError> {
+            let enc = model.tokenizer.encode(t, false).map_err(|e| JudgeError::Tokenizer(e.to_string()))?;
+            Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+        };
+        let a = encode(&format!("{}A", templates.judge_answer_prefix))?;
+        let b = encode(&format!("{}B", templates.judge_answer_prefix))?;
+        let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let single = (a.len() == common + 1 && b.len() == common + 1).then(|| (a[common], b[common]));
+        Ok(Self {
+            prefix: a[..common].to_vec(),
+            single,
+            tails: (a[common..].to_vec(), b[common..].to_vec()),
+            model,
+            device,
+            templates,
+        })
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<i64>, JudgeError> {
+        let enc =
+            self.model.tokenizer.encode(text, false).map_err(|e| JudgeError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+    }
+
+    /// The judge's probability that the user prefers response A, for each item
+    /// (normalised over the two answers), in batches of `batch`.
+    pub fn prob_a(&self, items: &[JudgeItem<'_>], batch: usize) -> Result<Vec<f64>, JudgeError> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(batch.max(1)) {
+            let mut prompts = Vec::with_capacity(chunk.len());
+            for it in chunk {
+                let chat = chatml(&self.templates.judge_messages(it.post, it.summary, it.a, it.b));
+                let mut ids = self.encode(&chat)?;
+                ids.extend_from_slice(&self.prefix);
+                prompts.push(ids);
+            }
+            match self.single {
+                Some((ta, tb)) => {
+                    let lp = tch::no_grad(|| self.last_logprobs(&prompts));
+                    for r in 0..prompts.len() as i64 {
+                        let (a, b) = (lp.double_value(&[r, ta]), lp.double_value(&[r, tb]));
+                        out.push(1.0 / (1.0 + (b - a).exp()));
+                    }
+                }
+                None => {
+                    let with = |tail: &[i64]| -> Vec<Vec<i64>> {
+                        prompts.iter().map(|p| p.iter().chain(tail).copied().collect()).collect()
+                    };
+                    let sa = tch::no_grad(|| self.tail_logprobs(&with(&self.tails.0), self.tails.0.len()));
+                    let sb = tch::no_grad(|| self.tail_logprobs(&with(&self.tails.1), self.tails.1.len()));
+                    out.extend(sa.iter().zip(&sb).map(|(a, b)| 1.0 / (1.0 + (b - a).exp())));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Left-padded batch → log-probabilities `[batch, seq, vocab]`.
+    fn logprobs(&self, seqs: &[Vec<i64>]) -> Tensor {
+        let n = seqs.len();
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let mut ids = vec![0i64; n * width];
+        let mut mask = vec![0i64; n * width];
+        let mut pos = vec![0i64; n * width];
+        for (r, s) in seqs.iter().enumerate() {
+            let start = width - s.len();
+            for (j, &t) in s.iter().enumerate() {
+                ids[r * width + start + j] = t;
+                mask[r * width + start + j] = 1;
+                pos[r * width + start + j] = j as i64;
+            }
+        }
+        let to = |v: &[i64]| Tensor::from_slice(v).view([n as i64, width as i64]).to_device(self.device);
+        let logits = self.model.model.forward(&to(&ids), &to(&mask), &to(&pos), &mut KvCache::new());
+        logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu)
+    }
+
+    fn last_logprobs(&self, seqs: &[Vec<i64>]) -> Tensor {
+        self.logprobs(seqs).select(1, -1)
+    }
+
+    /// Summed log-probability of each sequence's last `tail` tokens.
+    fn tail_logprobs(&self, seqs: &[Vec<i64>], tail: usize) -> Vec<f64> {
+        let lp = self.logprobs(seqs);
+        let width = lp.size()[1];
+        seqs.iter()
+            .enumerate()
+            .map(|(r, s)| {
+                (0..tail)
+                    .map(|k| {
+                        // Token at column width-tail+k is predicted at the column before it.
+                        let col = width - tail as i64 + k as i64;
+                        lp.double_value(&[r as i64, col - 1, s[s.len() - tail + k]])
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_ends_with_an_open_assistant_turn() {
+        let t = Templates::default();
+        let r = training_record(&t, "post", "likes jokes", "x", "y", Choice::B);
+        assert!(r.prompt.starts_with("<|im_start|>system\nGenerate a task-specific response.<|im_end|>\n"));
+        assert!(r.prompt.ends_with("</Response B>\n\n<|im_end|>\n<|im_start|>assistant\n"), "{}", r.prompt);
+        assert_eq!(r.response, "{\"selection\": \"Response B\"}<|im_end|>");
+        assert!(r.response.starts_with(&t.judge_answer_prefix));
+    }
+}
