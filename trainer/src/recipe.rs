@@ -289,28 +289,30 @@ fn build(recipe: &TinyRecipe, dir: &Path, progress: bool) -> Result<RecipeReport
             device: Device::Cpu,
         })
     };
-    let rows = vec![
-        EvalRow {
-            name: "holdout, base setting",
-            report: run_eval(world_dir.join("eval.jsonl"), EvalSetting::Base)?,
-        },
-        EvalRow {
-            name: "holdout, streaming setting",
-            report: run_eval(world_dir.join("eval.jsonl"), EvalSetting::Streaming)?,
-        },
-        EvalRow {
-            name: "holdout, 20% flipped pairs, streaming",
-            report: run_eval(noisy_dir.join("eval.jsonl"), EvalSetting::Streaming)?,
-        },
-        EvalRow {
-            name: "preference shift, summary from pre-shift signals only",
-            report: run_eval(world_dir.join("eval_shift_stale.jsonl"), EvalSetting::Streaming)?,
-        },
-        EvalRow {
-            name: "preference shift, summary updated with post-shift signals",
-            report: run_eval(world_dir.join("eval_shift.jsonl"), EvalSetting::Streaming)?,
-        },
+    let plan = [
+        ("holdout, base setting", world_dir.join("eval.jsonl"), EvalSetting::Base),
+        ("holdout, streaming setting", world_dir.join("eval.jsonl"), EvalSetting::Streaming),
+        ("holdout, 20% flipped pairs, streaming", noisy_dir.join("eval.jsonl"), EvalSetting::Streaming),
+        (
+            "preference shift, summary from pre-shift signals only",
+            world_dir.join("eval_shift_stale.jsonl"),
+            EvalSetting::Streaming,
+        ),
+        (
+            "preference shift, summary updated with post-shift signals",
+            world_dir.join("eval_shift.jsonl"),
+            EvalSetting::Streaming,
+        ),
     ];
+    let mut rows = Vec::new();
+    for (name, data, setting) in plan {
+        // A small world may hold no held-out user of a kind (e.g. none who shifted).
+        if std::fs::metadata(&data).map_err(|e| io(&data, e))?.len() == 0 {
+            say(&format!("{name}: no items, skipped"));
+            continue;
+        }
+        rows.push(EvalRow { name, report: run_eval(data, setting)? });
+    }
     stage("eval", t);
     Ok(RecipeReport {
         version: RECIPE_VERSION,
