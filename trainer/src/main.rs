@@ -113,12 +113,16 @@ struct TinyArgs {
     /// holds a finished run.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Seed of the world, the weights and the data order.
     #[arg(long, default_value_t = TinyRecipe::default().seed)]
     seed: u64,
+    /// Users in the synthetic world (20% held out for evaluation).
     #[arg(long, default_value_t = TinyRecipe::default().users)]
     users: usize,
+    /// SFT steps of the policy on cold-start data.
     #[arg(long, default_value_t = TinyRecipe::default().policy_steps)]
     policy_steps: usize,
+    /// SFT steps of the judge on judge data.
     #[arg(long, default_value_t = TinyRecipe::default().judge_steps)]
     judge_steps: usize,
     /// Print where the recipe is (or would be) cached and exit.
@@ -131,8 +135,10 @@ struct SynthArgs {
     /// Number of users (at least 2).
     #[arg(long)]
     users: usize,
+    /// The same seed writes the same files, byte for byte.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Output directory (created; its files are replaced).
     #[arg(long)]
     out: PathBuf,
     /// Share of observed pairs with chosen and rejected swapped.
@@ -144,9 +150,11 @@ struct SynthArgs {
     /// Share of users held out for evaluation.
     #[arg(long, default_value_t = SynthConfig::default().holdout)]
     holdout: f64,
+    /// Signals in each user's stream (prompt windows are 4 signals).
     #[arg(long, default_value_t = SynthConfig::default().signals_per_user)]
     signals_per_user: usize,
-    /// Styles to use, comma-separated (default: the whole catalogue).
+    /// Styles to use, comma-separated, from: humor, concise, detailed, formal, examples,
+    /// empathy, technical, optimism (default: all).
     #[arg(long, value_delimiter = ',')]
     styles: Vec<String>,
 }
