@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde::Deserialize;
 
 use crate::engine::{Engine, EngineError, Generation, UpdateRequest};
 use crate::metrics::Metrics;
@@ -54,19 +53,6 @@ pub struct ServeOptions {
     pub max_rows: usize,
 }
 
-#[derive(Deserialize)]
-struct TokenizerConfig {
-    #[serde(default)]
-    bos_token: Option<TokenText>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum TokenText {
-    Plain(String),
-    Added { content: String },
-}
-
 impl OnnxEngine {
     /// Loads a model directory and starts its continuous batcher; engine time per phase
     /// goes to `metrics` when given.
@@ -86,17 +72,7 @@ impl OnnxEngine {
             file: "tokenizer.json",
             message: e.to_string(),
         })?;
-        // The BOS text is what Hugging Face's `tokenizer.bos_token` is: from
-        // tokenizer_config.json, empty when it has none.
-        let bos = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<TokenizerConfig>(&t).ok())
-            .and_then(|c| c.bos_token)
-            .map(|t| match t {
-                TokenText::Plain(s) => s,
-                TokenText::Added { content } => content,
-            })
-            .unwrap_or_default();
+        let bos = alignx_schemas::prompt::bos_text(dir);
         let mut params = options.sampling.unwrap_or(model.defaults);
         params.max_new_tokens = options.max_new_tokens;
         let model_id = dir

@@ -140,6 +140,32 @@ impl Evidence {
     }
 }
 
+/// The BOS text prompts start with, as Hugging Face's `tokenizer.bos_token` is: the
+/// `bos_token` of the model directory's `tokenizer_config.json` (a string or an added
+/// token's `content`), empty when there is none.
+pub fn bos_text(model_dir: &Path) -> String {
+    #[derive(Deserialize)]
+    struct TokenizerConfig {
+        #[serde(default)]
+        bos_token: Option<TokenText>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TokenText {
+        Plain(String),
+        Added { content: String },
+    }
+    std::fs::read_to_string(model_dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<TokenizerConfig>(&t).ok())
+        .and_then(|c| c.bos_token)
+        .map(|t| match t {
+            TokenText::Plain(s) => s,
+            TokenText::Added { content } => content,
+        })
+        .unwrap_or_default()
+}
+
 /// Inserts `vars` into `template` in one left-to-right pass. `{name}` with an unknown
 /// name is kept literally (load-time validation rejects those in configured templates).
 fn fill(template: &str, vars: &[(&str, &str)], out: &mut String) {

@@ -11,7 +11,7 @@
 //! the pairs window by window, each step's summary becoming the next step's past.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use alignx_schemas::prompt::{Evidence, Setting, Templates};
 use alignx_schemas::training::{EvalRecord, HistoryPair, read_records};
@@ -112,17 +112,6 @@ fn score(
     Ok(Score { acc_jud: acc / n, soft: soft / n })
 }
 
-/// The BOS text prompts start with: `tokenizer_config.json`'s `bos_token`, if any.
-pub fn bos_text(dir: &Path) -> String {
-    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else { return String::new() };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return String::new() };
-    match &v["bos_token"] {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_owned(),
-        _ => String::new(),
-    }
-}
-
 /// Greedy summaries for a batch of prompts (`None` where no `<answer>` was produced).
 pub fn summarise(
     policy: &LoadedModel,
@@ -167,7 +156,7 @@ fn policy_summaries(
     histories: &[&[HistoryPair]],
 ) -> Result<Vec<Option<String>>, EvalError> {
     let templates = Templates::default();
-    let bos = bos_text(cfg.policy.as_deref().expect("policy set"));
+    let bos = alignx_schemas::prompt::bos_text(cfg.policy.as_deref().expect("policy set"));
     let window = cfg.window.max(1);
     match cfg.setting {
         EvalSetting::Base => {
