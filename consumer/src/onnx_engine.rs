@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-
 use crate::engine::{Engine, EngineError, Generation, UpdateRequest};
 use crate::metrics::Metrics;
 use crate::onnx_model::{Batcher, DeviceChoice, Finish, ModelError, OnnxModel, StepReport, Timings};

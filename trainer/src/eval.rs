@@ -125,11 +125,7 @@ pub fn summarise(
     for chunk in prompts.chunks(batch.max(1)) {
         let ids: Vec<Vec<i64>> = chunk
             .iter()
-            .map(|p| {
-                tok.encode(p.as_str(), false)
-                    .map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect())
-                    .map_err(|e| EvalError::Tokenizer(e.to_string()))
-            })
+            .map(|p| crate::tokenizer::encode_ids(tok, p).map_err(|e| EvalError::Tokenizer(e.to_string())))
             .collect::<Result<_, _>>()?;
         let decode = |t: &[i64]| tok.decode(&t.iter().map(|&i| i as u32).collect::<Vec<_>>(), false);
         let stop = |_: usize, t: &[i64]| {

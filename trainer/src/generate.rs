@@ -95,6 +95,27 @@ fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> i64 {
 
 /// Continues every prompt. `stop(i, tokens)` is asked after each new token of prompt
 /// `i` (e.g. "does the decoded text end with a stop string?").
+/// A batch of prompts as `[n, width]` tensors on `device`, `(input_ids, attention_mask,
+/// position_ids)`, left-padded: real tokens end at the same column (so a next token is
+/// appended to every row at once) and count positions from 0.
+pub fn left_padded(prompts: &[Vec<i64>], device: Device) -> (Tensor, Tensor, Tensor) {
+    let n = prompts.len();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = vec![0i64; n * width];
+    let mut mask = vec![0i64; n * width];
+    let mut positions = vec![0i64; n * width];
+    for (r, p) in prompts.iter().enumerate() {
+        let start = width - p.len();
+        for (j, &t) in p.iter().enumerate() {
+            ids[r * width + start + j] = t;
+            mask[r * width + start + j] = 1;
+            positions[r * width + start + j] = j as i64;
+        }
+    }
+    let to = |v: &[i64]| Tensor::from_slice(v).view([n as i64, width as i64]).to_device(device);
+    (to(&ids), to(&mask), to(&positions))
+}
+
 pub fn generate(
     model: &Qwen2,
     prompts: &[Vec<i64>],
@@ -109,28 +130,12 @@ pub fn generate(
         return out;
     }
     let mut rngs: Vec<Rng> = (0..n).map(|i| Rng::new(params.seed.wrapping_add(i as u64))).collect();
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    // Left padding: real tokens end at the same column, so the next token is appended
-    // to every row at once.
-    let mut ids = vec![0i64; n * width];
-    let mut mask = vec![0i64; n * width];
-    let mut positions = vec![0i64; n * width];
-    for (r, p) in prompts.iter().enumerate() {
-        let start = width - p.len();
-        for (j, &t) in p.iter().enumerate() {
-            ids[r * width + start + j] = t;
-            mask[r * width + start + j] = 1;
-            positions[r * width + start + j] = j as i64;
-        }
-    }
-    let shape = [n as i64, width as i64];
-    let to = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
-    let mut mask_t = to(&mask);
+    let (input_ids, mut mask_t, positions) = left_padded(prompts, device);
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
     let mut cache = KvCache::new();
     let mut active: Vec<usize> = (0..n).collect();
     let mut logits =
-        tch::no_grad(|| model.forward(&to(&ids), &mask_t, &to(&positions), &mut cache)).select(1, -1);
+        tch::no_grad(|| model.forward(&input_ids, &mask_t, &positions, &mut cache)).select(1, -1);
     loop {
         let rows = Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1))
             .expect("f32 logits");
@@ -190,7 +195,7 @@ pub fn complete_text(
     device: Device,
 ) -> Result<(String, Finish), tokenizers::Error> {
     let tok = &loaded.tokenizer;
-    let ids: Vec<i64> = tok.encode(prompt, false)?.get_ids().iter().map(|&i| i64::from(i)).collect();
+    let ids = crate::tokenizer::encode_ids(tok, prompt)?;
     let decode = |t: &[i64]| tok.decode(&t.iter().map(|&i| i as u32).collect::<Vec<_>>(), false);
     let stop =
         |_: usize, t: &[i64]| decode(t).is_ok_and(|text| stops.iter().any(|s| text.ends_with(s.as_str())));

@@ -13,8 +13,10 @@ use alignx_schemas::prompt::{ChatMessage, Templates};
 use alignx_schemas::training::{Choice, ColdStartRecord};
 use tch::{Device, Kind, Tensor};
 
+use crate::generate::left_padded;
 use crate::model_dir::{self, Dtype, LoadError, LoadedModel};
 use crate::qwen2::KvCache;
+use crate::tokenizer::encode_ids;
 
 /// System message of the judge's auxiliary training task (naming each response's style).
 pub const READ_STYLES_SYSTEM: &str = "Name the style of each response.";
@@ -79,10 +81,8 @@ impl Judge {
     pub fn load(dir: &Path, device: Device) -> Result<Self, JudgeError> {
         let model = model_dir::load(dir, device, Dtype::Fp32)?;
         let templates = Templates::default();
-        let encode = |t: &str| -> Result<Vec<i64>, JudgeError> {
-            let enc = model.tokenizer.encode(t, false).map_err(|e| JudgeError::Tokenizer(e.to_string()))?;
-            Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
-        };
+        let encode =
+            |t: &str| encode_ids(&model.tokenizer, t).map_err(|e| JudgeError::Tokenizer(e.to_string()));
         let a = encode(&format!("{}A", templates.judge_answer_prefix))?;
         let b = encode(&format!("{}B", templates.judge_answer_prefix))?;
         let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
@@ -97,12 +97,6 @@ impl Judge {
         })
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<i64>, JudgeError> {
-        let enc =
-            self.model.tokenizer.encode(text, false).map_err(|e| JudgeError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
-    }
-
     /// The judge's probability that the user prefers response A, for each item
     /// (normalised over the two answers), in batches of `batch`.
     pub fn prob_a(&self, items: &[JudgeItem<'_>], batch: usize) -> Result<Vec<f64>, JudgeError> {
@@ -111,7 +105,8 @@ impl Judge {
             let mut prompts = Vec::with_capacity(chunk.len());
             for it in chunk {
                 let chat = chatml(&self.templates.judge_messages(it.post, it.summary, it.a, it.b));
-                let mut ids = self.encode(&chat)?;
+                let mut ids = encode_ids(&self.model.tokenizer, &chat)
+                    .map_err(|e| JudgeError::Tokenizer(e.to_string()))?;
                 ids.extend_from_slice(&self.prefix);
                 prompts.push(ids);
             }
@@ -138,21 +133,8 @@ impl Judge {
 
     /// Left-padded batch → log-probabilities `[batch, seq, vocab]`.
     fn logprobs(&self, seqs: &[Vec<i64>]) -> Tensor {
-        let n = seqs.len();
-        let width = seqs.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let mut ids = vec![0i64; n * width];
-        let mut mask = vec![0i64; n * width];
-        let mut pos = vec![0i64; n * width];
-        for (r, s) in seqs.iter().enumerate() {
-            let start = width - s.len();
-            for (j, &t) in s.iter().enumerate() {
-                ids[r * width + start + j] = t;
-                mask[r * width + start + j] = 1;
-                pos[r * width + start + j] = j as i64;
-            }
-        }
-        let to = |v: &[i64]| Tensor::from_slice(v).view([n as i64, width as i64]).to_device(self.device);
-        let logits = self.model.model.forward(&to(&ids), &to(&mask), &to(&pos), &mut KvCache::new());
+        let (ids, mask, positions) = left_padded(seqs, self.device);
+        let logits = self.model.model.forward(&ids, &mask, &positions, &mut KvCache::new());
         logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu)
     }
 

@@ -107,9 +107,8 @@ fn tokenize(
     eos: i64,
     max_length: usize,
 ) -> Result<(Vec<Example>, usize), SftError> {
-    let encode = |t: &str| -> Result<Vec<i64>, SftError> {
-        let enc = tok.encode(t, false).map_err(|e| SftError::Invalid(format!("tokenizer: {e}")))?;
-        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+    let encode = |t: &str| {
+        crate::tokenizer::encode_ids(tok, t).map_err(|e| SftError::Invalid(format!("tokenizer: {e}")))
     };
     let mut kept = Vec::new();
     let mut dropped = 0;

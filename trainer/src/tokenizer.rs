@@ -75,6 +75,11 @@ pub fn train(corpus: &Path, vocab_size: usize) -> Result<Tokenizer, TokenizerErr
     Ok(tokenizer)
 }
 
+/// `text` as token ids (no special tokens added), the `i64`s tch takes.
+pub fn encode_ids(tokenizer: &Tokenizer, text: &str) -> tokenizers::Result<Vec<i64>> {
+    Ok(tokenizer.encode(text, false)?.get_ids().iter().map(|&i| i64::from(i)).collect())
+}
+
 /// The id of a token that must exist.
 pub fn token_id(tokenizer: &Tokenizer, token: &str) -> Result<u32, TokenizerError> {
     tokenizer.token_to_id(token).ok_or_else(|| TokenizerError::File {
