@@ -655,11 +655,10 @@ pub fn generate(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary, SynthErro
             } else {
                 signals_train.put(&body)?
             }
-            if let Shows::Pair { .. } = o.shows {
-                let flipped =
-                    matches!(&o.shows, Shows::Pair { chosen, .. } if !user.styles_at(k).contains(chosen));
-                summary.flipped_pairs += usize::from(flipped);
-            }
+            // A pair is flipped when its chosen side shows a style the user lacks.
+            let flipped =
+                matches!(&o.shows, Shows::Pair { chosen, .. } if !user.styles_at(k).contains(chosen));
+            summary.flipped_pairs += usize::from(flipped);
         }
     }
     summary.signals = cfg.users * cfg.signals_per_user;
@@ -739,9 +738,8 @@ pub fn generate(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary, SynthErro
             let (response, styles) = teach(window, past.as_ref().map(|(_, s)| s.as_slice()));
             corpus.push_str(&prompt);
             corpus.push_str(&response);
-            cold.put(&ColdStartRecord { prompt, response: response.clone() })?;
-            let answer = schemas_answer(&response);
-            past = Some((answer, styles));
+            cold.put(&ColdStartRecord { prompt, response })?;
+            past = Some((summary_of(&styles), styles));
             // RL: the window's problem and the user's next real choice after it.
             let next = (w + 1) * cfg.window;
             let styles_next = user.styles_at(next).to_vec();
@@ -817,11 +815,6 @@ pub fn generate(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary, SynthErro
     std::fs::write(&summary_path, serde_json::to_string_pretty(&summary).expect("serialisable"))
         .map_err(|e| io(&summary_path, e))?;
     Ok(summary)
-}
-
-/// The `<answer>` of a teacher response.
-fn schemas_answer(response: &str) -> String {
-    alignx_schemas::answer::parse_answer(response, usize::MAX).map(|a| a.summary).unwrap_or_default()
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (2026 and later is enough).
