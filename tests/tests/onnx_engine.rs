@@ -532,26 +532,12 @@ fn a_fine_tuned_model_writes_the_summaries() {
     std::fs::write(&data_path, data).unwrap();
     let tuned = dir.path().join("tuned");
     let summary = sft::run(&SftConfig {
-        model: model_dir,
-        data: data_path,
-        out: tuned.clone(),
         epochs: 30,
         max_steps: Some(120),
-        batch_size: 8,
-        grad_accum: 1,
         lr: 3e-3,
         warmup_steps: 5,
-        min_lr_ratio: 0.1,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        max_length: 1024,
-        save_every: 0,
         seed: 1,
-        resume: None,
-        device: Device::Cpu,
-        dtype: Dtype::Fp32,
-        progress: false,
-        lora: None,
+        ..SftConfig::new(model_dir, data_path, &tuned)
     })
     .unwrap();
     let last = summary.losses.last().copied().unwrap();

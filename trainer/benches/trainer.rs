@@ -55,26 +55,10 @@ fn main() {
     init(&corpus, &Preset::Tiny.shape(), 0, &model, false).unwrap();
 
     let sft = run(&SftConfig {
-        model: model.clone(),
-        data,
-        out: dir.path().join("sft"),
-        epochs: 1,
         max_steps: Some(16),
         batch_size: 16,
-        grad_accum: 1,
-        lr: 1e-3,
-        warmup_steps: 0,
-        min_lr_ratio: 0.1,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
         max_length: 512,
-        save_every: 0,
-        seed: 0,
-        resume: None,
-        device: Device::Cpu,
-        dtype: Dtype::Fp32,
-        progress: false,
-        lora: None,
+        ..SftConfig::new(&model, data, dir.path().join("sft"))
     })
     .unwrap();
 

@@ -11,7 +11,6 @@ use tch::Device;
 
 use crate::eval::{self, EvalConfig, EvalReport, EvalSetting};
 use crate::init::{self, Shape};
-use crate::model_dir::Dtype;
 use crate::onnx::export::{self, ExportOptions, Logits};
 use crate::sft::{self, SftConfig, SftSummary};
 use crate::synth::{self, SynthConfig, SynthSummary};
@@ -225,26 +224,14 @@ fn build(recipe: &TinyRecipe, dir: &Path, progress: bool) -> Result<RecipeReport
     stage("init", t);
 
     let sft_cfg = |model: PathBuf, data: PathBuf, out: PathBuf, steps: usize| SftConfig {
-        model,
-        data,
-        out,
         epochs: 1000,
         max_steps: Some(steps),
         batch_size: recipe.batch_size,
-        grad_accum: 1,
         lr: recipe.lr,
         warmup_steps: steps / 20,
-        min_lr_ratio: 0.1,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        max_length: 1024,
-        save_every: 0,
         seed: recipe.seed,
-        resume: None,
-        device: Device::Cpu,
-        dtype: Dtype::Fp32,
         progress,
-        lora: None,
+        ..SftConfig::new(model, data, out)
     };
     say("judge: SFT on judge data");
     let t = Instant::now();

@@ -55,6 +55,36 @@ pub struct SftConfig {
     pub lora: Option<LoraConfig>,
 }
 
+impl SftConfig {
+    /// A run on `data` from `model` into `out` with the CLI's defaults (one epoch, batch
+    /// 8, lr 1e-3, cosine to 10%, clipping at 1, examples up to 1,024 tokens, CPU, fp32);
+    /// set the rest with struct-update syntax.
+    pub fn new(model: impl Into<PathBuf>, data: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            data: data.into(),
+            out: out.into(),
+            epochs: 1,
+            max_steps: None,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 1e-3,
+            warmup_steps: 0,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            max_length: 1024,
+            save_every: 0,
+            seed: 0,
+            resume: None,
+            device: Device::Cpu,
+            dtype: Dtype::Fp32,
+            progress: false,
+            lora: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SftError {
     #[error(transparent)]

@@ -8,7 +8,6 @@ use alignx_schemas::training::{Choice, EvalRecord, HistoryPair};
 use alignx_trainer::eval::{self, EvalConfig, EvalSetting};
 use alignx_trainer::init::{Preset, init};
 use alignx_trainer::judge;
-use alignx_trainer::model_dir::Dtype;
 use alignx_trainer::rng::Rng;
 use alignx_trainer::sft::{self, SftConfig};
 use alignx_trainer::synth::{self, SynthConfig};
@@ -49,26 +48,12 @@ fn a_judge_that_follows_the_summary_scores_it_near_perfect_and_no_summary_at_cha
     std::fs::write(&data, jsonl(&train)).unwrap();
     let judge_dir = dir.path().join("judge");
     let summary = sft::run(&SftConfig {
-        model: model.clone(),
-        data,
-        out: judge_dir.clone(),
         epochs: 100,
         max_steps: Some(200),
         batch_size: 16,
-        grad_accum: 1,
         lr: 3e-3,
         warmup_steps: 5,
-        min_lr_ratio: 0.1,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        max_length: 1024,
-        save_every: 0,
-        seed: 0,
-        resume: None,
-        device: Device::Cpu,
-        dtype: Dtype::Fp32,
-        progress: false,
-        lora: None,
+        ..SftConfig::new(&model, data, &judge_dir)
     })
     .unwrap();
     let losses = &summary.losses;
