@@ -11,5 +11,7 @@ export LIBTORCH="$TORCH_PREFIX/torch"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$ORT_PREFIX/libonnxruntime.so.$ORT_VERSION}"
 # The Kafka-protocol broker used by tests and the demo.
 export ALIGNX_TANSU="${ALIGNX_TANSU:-$TANSU_PREFIX/tansu}"
+# Python packages of the chart tests (helm-python-sdk, kubernetes-validate).
+export ALIGNX_CHART_TOOLS="${ALIGNX_CHART_TOOLS:-$CHART_TOOLS_PREFIX}"
 # libtorch's OpenMP pool would fight test threads on this small machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -7,6 +7,7 @@
 //! [kafka]
 //! brokers = "kafka-0:9092,kafka-1:9092"
 //! settings = { "security.protocol" = "SASL_SSL", "sasl.mechanism" = "SCRAM-SHA-512" }
+//! settings_files = { "sasl.password" = "/etc/alignx/kafka-secrets/0/value" }
 //! [redis]
 //! url = "redis://redis:6379/"
 //! [window]
@@ -37,6 +38,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: toml::de::Error },
     #[error("cannot read Redis password file {path}: {source}")]
     PasswordFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot read the file of Kafka setting {key} ({path}): {source}")]
+    SettingFile { key: String, path: PathBuf, source: std::io::Error },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -104,6 +107,10 @@ pub struct KafkaConfig {
     pub summaries_topic: Option<String>,
     /// librdkafka properties passed through to the consumer and producers (SASL, TLS…).
     pub settings: BTreeMap<String, SettingValue>,
+    /// librdkafka properties whose value is the content of a file (a mounted Secret, e.g.
+    /// `"sasl.password" = "/etc/alignx/kafka-secrets/0/value"`), read at start-up into
+    /// `settings`. Keeps secrets out of the config file, the environment and `ps`.
+    pub settings_files: BTreeMap<String, PathBuf>,
 }
 
 impl Default for KafkaConfig {
@@ -116,6 +123,7 @@ impl Default for KafkaConfig {
             log_topic: keys::INFERENCE_LOG_TOPIC.into(),
             summaries_topic: None,
             settings: BTreeMap::new(),
+            settings_files: BTreeMap::new(),
         }
     }
 }
@@ -348,6 +356,11 @@ pub struct RunArgs {
     /// (repeatable). Prefer the config file or env for secrets: flags are visible in `ps`.
     #[arg(long = "kafka-set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub kafka_set: Vec<(String, String)>,
+    /// librdkafka property whose value is read from a file, e.g.
+    /// `sasl.password=/run/secrets/kafka-password` (repeatable; one trailing newline is
+    /// dropped). The way to pass secrets.
+    #[arg(long = "kafka-set-file", value_name = "KEY=PATH", value_parser = parse_key_value)]
+    pub kafka_set_file: Vec<(String, String)>,
     /// Redis URL, or several comma-separated for Redis Cluster [default: redis://127.0.0.1:6379/].
     #[arg(long, env = "ALIGNX_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -474,6 +487,22 @@ impl RunConfig {
         for (key, value) in a.kafka_set {
             k.settings.insert(key, SettingValue(value));
         }
+        for (key, path) in a.kafka_set_file {
+            k.settings_files.insert(key, PathBuf::from(path));
+        }
+        for (key, path) in &k.settings_files {
+            if k.settings.contains_key(key) {
+                return Err(ConfigError::Invalid(format!(
+                    "Kafka setting {key} is given both as a value and as a file"
+                )));
+            }
+            let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::SettingFile {
+                key: key.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            k.settings.insert(key.clone(), SettingValue(raw.trim_end_matches(['\n', '\r']).to_owned()));
+        }
         set(&mut self.redis.url, a.redis_url);
         self.redis.cluster |= a.redis_cluster;
         if a.redis_password_file.is_some() {
@@ -580,6 +609,40 @@ mod tests {
         std::fs::write(&path, "[window]\nmax_signal = 8\n").unwrap();
         let err = RunConfig::load(RunArgs { config: Some(path), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("max_signal"), "{err}");
+    }
+
+    #[test]
+    fn kafka_settings_from_files_are_read_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "s3cr3t-value\n").unwrap();
+        let path = dir.path().join("c.toml");
+        let toml = format!(
+            "[engine]\nkind = \"counting\"\n[kafka.settings_files]\n\"sasl.password\" = {:?}\n",
+            secret.display().to_string()
+        );
+        std::fs::write(&path, toml).unwrap();
+        let cfg = RunConfig::load(RunArgs { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!(cfg.kafka.settings["sasl.password"].0, "s3cr3t-value", "one trailing newline dropped");
+        assert!(!format!("{cfg:?}").contains("s3cr3t"));
+
+        // The same from a flag; a missing file names the setting and the path.
+        let args = RunArgs {
+            engine: Some(EngineKind::Counting),
+            kafka_set_file: vec![("ssl.key.password".into(), dir.path().join("nope").display().to_string())],
+            ..Default::default()
+        };
+        let err = RunConfig::load(args).unwrap_err().to_string();
+        assert!(err.contains("ssl.key.password") && err.contains("nope"), "{err}");
+
+        // A value given twice is ambiguous.
+        let args = RunArgs {
+            config: Some(path),
+            kafka_set: vec![("sasl.password".into(), "other".into())],
+            ..Default::default()
+        };
+        let err = RunConfig::load(args).unwrap_err().to_string();
+        assert!(err.contains("both"), "{err}");
     }
 
     #[test]
