@@ -140,6 +140,7 @@ impl Metrics {
         for kind in SignalKind::ALL {
             self.signals.with_label_values(&[kind.as_str(), "accepted"]);
             self.signals.with_label_values(&[kind.as_str(), "duplicate"]);
+            self.signals.with_label_values(&[kind.as_str(), "erased"]);
         }
         self.signals.with_label_values(&["invalid", "rejected"]);
         for code in ProblemCode::ALL {

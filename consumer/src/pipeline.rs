@@ -83,6 +83,7 @@ pub struct Pipeline {
     /// `alignx_signals_total{kind, outcome}` children, indexed by `SignalKind as usize`.
     accepted: [IntCounter; 3],
     duplicates: [IntCounter; 3],
+    erased: [IntCounter; 3],
 }
 
 impl Pipeline {
@@ -99,6 +100,7 @@ impl Pipeline {
         Self {
             accepted: by_kind("accepted"),
             duplicates: by_kind("duplicate"),
+            erased: by_kind("erased"),
             windows: Windows::with_recent(
                 cfg.window.max_signals,
                 cfg.window.max_wait,
@@ -180,6 +182,10 @@ impl Pipeline {
                 Pushed::Added => self.accepted[k].inc(),
                 Pushed::Duplicate => {
                     self.duplicates[k].inc();
+                    self.handled(partition, offset);
+                }
+                Pushed::Erased => {
+                    self.erased[k].inc();
                     self.handled(partition, offset);
                 }
             }

@@ -22,6 +22,10 @@
 //! from only after the list is seen empty, so it may list a user with nothing pending but
 //! never misses one that has.
 //!
+//! - [`Store::erase`] deletes everything stored about a user and leaves a tombstone (the
+//!   erasure time): the persist and apply scripts then refuse any signal stamped at or
+//!   before it, so a replay or an update already in flight cannot bring the data back.
+//!
 //! All keys of a user share the hash tag `{user_id}` (see `alignx_schemas::keys`), so the
 //! scripts also run on Redis Cluster. Offsets travel through Lua's cjson, which keeps 14
 //! significant digits: offsets below 10^14 per partition are exact.
@@ -63,6 +67,8 @@ pub struct Update {
     pub consumed: BTreeMap<i32, i64>,
     /// How many signals the update folded in.
     pub signals: u64,
+    /// The oldest signal timestamp among them (Unix ms), checked against the tombstone.
+    pub oldest_ts_ms: i64,
     pub now_ms: u64,
     /// The update's inference-log record (JSON), kept in the `outbox` field until it is
     /// delivered; empty for none.
@@ -83,6 +89,17 @@ pub enum ApplyOutcome {
     Replayed { current: u64 },
     /// [`Store::skip`]: the signals were consumed, the summary stays at `version`.
     Skipped { version: u64 },
+    /// Some of its signals predate the user's erasure: refused, nothing changed.
+    Erased { current: u64 },
+}
+
+/// What [`Store::erase`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erased {
+    /// The summary version that was deleted (0: there was none).
+    pub version: u64,
+    pub pending: u64,
+    pub history: u64,
 }
 
 /// Everything the consumer needs to know about a user it starts serving.
@@ -96,6 +113,8 @@ pub struct UserRecord {
     pub outbox: Option<String>,
     /// The most recent signals, oldest first (only when the store keeps them).
     pub recent: Vec<LoggedSignal>,
+    /// When the user was last erased (Unix ms): signals stamped at or before it are dropped.
+    pub erased_at_ms: Option<i64>,
 }
 
 /// Pending entries are `LoggedSignal` JSON, which serde writes starting with
@@ -112,18 +131,19 @@ const PERSIST: &str = r#"
 local applied = {}
 local raw = redis.call('HGET', KEYS[1], 'applied')
 if raw then applied = cjson.decode(raw) end
+local erased = tonumber(redis.call('GET', KEYS[3]) or '-1e300')
 local seen = {}
 for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
   local p, o = position(e)
   seen[p .. ':' .. o] = true
 end
 local added = 0
-for i = 1, #ARGV, 3 do
+for i = 1, #ARGV, 4 do
   local p, o = ARGV[i], tonumber(ARGV[i + 1])
   local done = applied[p]
   local key = p .. ':' .. o
-  if (done == nil or o > done) and not seen[key] then
-    redis.call('RPUSH', KEYS[2], ARGV[i + 2])
+  if (done == nil or o > done) and not seen[key] and tonumber(ARGV[i + 2]) > erased then
+    redis.call('RPUSH', KEYS[2], ARGV[i + 3])
     seen[key] = true
     added = added + 1
   end
@@ -135,6 +155,8 @@ const APPLY: &str = r#"
 local st = redis.call('HMGET', KEYS[1], 'version', 'applied', 'summary', 'signals_applied')
 local cur = tonumber(st[1] or '0')
 if cur ~= tonumber(ARGV[1]) then return {0, cur} end
+local erased = redis.call('GET', KEYS[5])
+if erased and tonumber(ARGV[12]) <= tonumber(erased) then return {4, cur} end
 local applied = {}
 if st[2] then applied = cjson.decode(st[2]) end
 local consumed = cjson.decode(ARGV[8])
@@ -154,7 +176,7 @@ end
 for p, o in pairs(consumed) do applied[p] = o end
 local recent = tonumber(ARGV[11])
 if recent > 0 then
-  for i = 12, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
+  for i = 13, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
   redis.call('LTRIM', KEYS[4], -recent, -1)
 end
 if ARGV[10] == 'skip' then
@@ -177,6 +199,19 @@ if #drop > 0 then redis.call('HDEL', KEYS[1], unpack(drop)) end
 return {1, cur + 1, n}
 "#;
 
+/// Deletes a user's summary, pending window, history and recent signals, and sets the
+/// tombstone to the erasure time (never moving it back). Returns the erased version,
+/// pending and history lengths.
+const ERASE: &str = r#"
+local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local pending = redis.call('LLEN', KEYS[2])
+local history = redis.call('LLEN', KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local prev = tonumber(redis.call('GET', KEYS[5]) or '-1')
+if tonumber(ARGV[1]) > prev then redis.call('SET', KEYS[5], ARGV[1]) end
+return {version, pending, history}
+"#;
+
 /// Summaries, pending windows and history in Redis, over any connection (single node or
 /// cluster).
 #[derive(Clone)]
@@ -184,6 +219,7 @@ pub struct Store<C> {
     conn: C,
     persist: redis::Script,
     apply: redis::Script,
+    erase: redis::Script,
     history_len: usize,
     /// Recent signals kept per user (0: none, the streaming setting).
     recent_len: usize,
@@ -203,6 +239,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             conn,
             persist: redis::Script::new(&format!("{POSITION}{PERSIST}")),
             apply: redis::Script::new(&format!("{POSITION}{APPLY}")),
+            erase: redis::Script::new(ERASE),
             history_len: history_len.max(1),
             recent_len,
         }
@@ -219,11 +256,11 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
         }
         let keys = UserKeys::new(user_id);
         let mut inv = self.persist.key(&keys.summary);
-        inv.key(&keys.pending);
+        inv.key(&keys.pending).key(&keys.erased);
         for s in signals {
             let s = s.borrow();
             let json = serde_json::to_string(s).expect("a signal serialises");
-            inv.arg(s.partition).arg(s.offset).arg(json);
+            inv.arg(s.partition).arg(s.offset).arg(s.signal.ts.unix_ms()).arg(json);
         }
         let added: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
         Ok(added as usize)
@@ -249,6 +286,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             .key(&keys.pending)
             .key(&keys.history)
             .key(&keys.signals)
+            .key(&keys.erased)
             .arg(u.expected_version)
             .arg(&u.summary)
             .arg(&u.model)
@@ -260,6 +298,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             .arg(&u.outbox)
             .arg(mode)
             .arg(if u.recent.is_empty() { 0 } else { self.recent_len })
+            .arg(u.oldest_ts_ms)
             .arg(&u.recent)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -267,6 +306,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             [1, version, n] => ApplyOutcome::Applied { version: *version, signals_applied: *n },
             [2, version] => ApplyOutcome::Skipped { version: *version },
             [0, current] => ApplyOutcome::Stale { current: *current },
+            [4, current] => ApplyOutcome::Erased { current: *current },
             [_, current] => ApplyOutcome::Replayed { current: *current },
             other => {
                 return Err(StoreError::Corrupt {
@@ -277,11 +317,18 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
         })
     }
 
-    /// The user's summary, consumed offsets and unconfirmed outbox, in one read.
+    /// The user's summary, consumed offsets, unconfirmed outbox and erasure time, in one
+    /// atomic read.
     pub async fn load_user(&self, user_id: &str) -> Result<UserRecord, StoreError> {
         let keys = UserKeys::new(user_id);
-        let fields: HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&keys.summary).query_async(&mut self.conn.clone()).await?;
+        let (fields, erased_at_ms): (HashMap<String, String>, Option<i64>) = redis::pipe()
+            .atomic()
+            .cmd("HGETALL")
+            .arg(&keys.summary)
+            .cmd("GET")
+            .arg(&keys.erased)
+            .query_async(&mut self.conn.clone())
+            .await?;
         let corrupt = |message: String| StoreError::Corrupt { user: user_id.to_owned(), message };
         let applied = match fields.get(field::APPLIED) {
             Some(raw) => serde_json::from_str(raw).map_err(|e| corrupt(format!("applied: {e}")))?,
@@ -293,7 +340,37 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
             None
         };
         let recent = if self.recent_len > 0 { self.list(user_id, &keys.signals).await? } else { Vec::new() };
-        Ok(UserRecord { summary, applied, outbox: fields.get(OUTBOX).cloned(), recent })
+        Ok(UserRecord { summary, applied, outbox: fields.get(OUTBOX).cloned(), recent, erased_at_ms })
+    }
+
+    /// Erases everything stored about a user and leaves the tombstone `erased_at_ms`.
+    /// Idempotent; the tombstone never moves back.
+    pub async fn erase(&self, user_id: &str, erased_at_ms: i64) -> Result<Erased, StoreError> {
+        let keys = UserKeys::new(user_id);
+        let reply: Vec<u64> = self
+            .erase
+            .key(&keys.summary)
+            .key(&keys.pending)
+            .key(&keys.history)
+            .key(&keys.signals)
+            .key(&keys.erased)
+            .arg(erased_at_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match reply.as_slice() {
+            [version, pending, history] => {
+                Ok(Erased { version: *version, pending: *pending, history: *history })
+            }
+            other => Err(StoreError::Corrupt {
+                user: user_id.to_owned(),
+                message: format!("unexpected reply from the erase script: {other:?}"),
+            }),
+        }
+    }
+
+    /// The user's erasure time (Unix ms), if they were ever erased.
+    pub async fn erased_at(&self, user_id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(redis::cmd("GET").arg(UserKeys::new(user_id).erased).query_async(&mut self.conn.clone()).await?)
     }
 
     /// Forgets the outbox record once its delivery is confirmed. A plain `HDEL`, not a
@@ -320,7 +397,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
     /// concurrent calls does not all miss it. (After a Redis restart the cache is empty
     /// again; each call then loads its script on a miss.)
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
-        for script in [&self.persist, &self.apply] {
+        for script in [&self.persist, &self.apply, &self.erase] {
             let _: String = script.prepare_invoke().load_async(&mut self.conn.clone()).await?;
         }
         Ok(())

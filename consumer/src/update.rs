@@ -181,6 +181,7 @@ impl Updater {
                 m
             }),
             signals: input.signals.len() as u64,
+            oldest_ts_ms: oldest_ts,
             now_ms: now_ms(),
             outbox: String::new(),
             recent: if self.base_signals > 0 {
@@ -348,6 +349,7 @@ pub fn known(rec: &crate::store::UserRecord) -> Known {
         summary: rec.summary.as_ref().map(|s| s.summary.clone()),
         applied: rec.applied.clone(),
         recent: rec.recent.clone(),
+        erased_at_ms: rec.erased_at_ms,
     }
 }
 

@@ -49,6 +49,14 @@ struct UserState {
     /// The deadline currently armed in the timer heap.
     deadline: Option<Instant>,
     queued: bool,
+    /// The user's erasure time (Unix ms): signals stamped at or before it are dropped.
+    erased_at_ms: Option<i64>,
+}
+
+impl UserState {
+    fn erased(&self, signal: &LoggedSignal) -> bool {
+        self.erased_at_ms.is_some_and(|t| signal.signal.ts.unix_ms() <= t)
+    }
 }
 
 /// A user's stored state, as read from Redis when the pipeline starts serving them.
@@ -59,6 +67,8 @@ pub struct Known {
     pub applied: BTreeMap<i32, i64>,
     /// The most recent consumed signals, oldest first (base setting only).
     pub recent: Vec<LoggedSignal>,
+    /// When the user was last erased (Unix ms), if ever.
+    pub erased_at_ms: Option<i64>,
 }
 
 /// An update to run: one user's window.
@@ -95,6 +105,8 @@ pub enum Pushed {
     Added,
     /// Already applied or already in the window (a re-delivery).
     Duplicate,
+    /// Stamped at or before the user's erasure: dropped.
+    Erased,
 }
 
 pub struct Windows {
@@ -170,6 +182,7 @@ impl Windows {
                 indexed: false,
                 deadline: None,
                 queued: false,
+                erased_at_ms: known.erased_at_ms,
             },
         );
         id
@@ -181,7 +194,7 @@ impl Windows {
         let Some(st) = self.users.get_mut(user) else { return };
         st.indexed = true;
         for signal in pending {
-            if st.seen.get(&signal.partition).is_some_and(|&o| signal.offset <= o) {
+            if st.seen.get(&signal.partition).is_some_and(|&o| signal.offset <= o) || st.erased(&signal) {
                 continue;
             }
             st.seen.insert(signal.partition, signal.offset);
@@ -202,6 +215,9 @@ impl Windows {
             return Pushed::Duplicate;
         }
         st.seen.insert(signal.partition, signal.offset);
+        if st.erased(&signal) {
+            return Pushed::Erased;
+        }
         st.partition = signal.partition;
         st.window.push_back(Entry { signal: Arc::new(signal), arrived: now, persisted: false });
         self.buffered += 1;
@@ -312,13 +328,16 @@ impl Windows {
                 st.summary = known.summary;
                 st.recent = known.recent.into_iter().map(Arc::new).collect();
                 st.attempts = 0;
+                st.erased_at_ms = known.erased_at_ms;
+                let erased_at = known.erased_at_ms;
                 st.window.retain(|e| {
                     let applied =
                         known.applied.get(&e.signal.partition).is_some_and(|&o| e.signal.offset <= o);
-                    if applied {
+                    let erased = erased_at.is_some_and(|t| e.signal.signal.ts.unix_ms() <= t);
+                    if applied || erased {
                         gone.push((e.signal.partition, e.signal.offset));
                     }
-                    !applied
+                    !(applied || erased)
                 });
                 for (p, o) in known.applied {
                     let seen = st.seen.entry(p).or_insert(o);
@@ -461,11 +480,44 @@ mod tests {
     use super::*;
 
     fn signal(user: &str, offset: i64) -> LoggedSignal {
+        signal_at(user, offset, "2026-11-27T09:00:00Z")
+    }
+
+    fn signal_at(user: &str, offset: i64, ts: &str) -> LoggedSignal {
         let json = format!(
-            r#"{{"schema":"alignx.signal.v1","user_id":"{user}","signal_id":"s{offset}","ts":"2026-11-27T09:00:00Z","kind":"text","text":"t"}}"#
+            r#"{{"schema":"alignx.signal.v1","user_id":"{user}","signal_id":"s{offset}","ts":"{ts}","kind":"text","text":"t"}}"#
         );
         let signal = validate_signal(json.as_bytes(), Some(user.as_bytes()), &Limits::default()).unwrap();
         LoggedSignal { partition: 0, offset, signal }
+    }
+
+    #[test]
+    fn signals_stamped_before_an_erasure_never_enter_a_window() {
+        let now = Instant::now();
+        let erased_at = signal_at("u", 0, "2026-11-27T10:00:00Z").signal.ts.unix_ms();
+        let mut w = Windows::new(3, Duration::from_secs(30));
+        let u = w.insert("u", Known { erased_at_ms: Some(erased_at), ..Known::default() }, 0);
+        assert_eq!(w.push(&u, signal_at("u", 1, "2026-11-27T09:59:59Z"), now), Pushed::Erased);
+        assert_eq!(w.push(&u, signal_at("u", 2, "2026-11-27T10:00:00Z"), now), Pushed::Erased);
+        assert_eq!(w.push(&u, signal_at("u", 2, "2026-11-27T10:00:00Z"), now), Pushed::Duplicate);
+        assert_eq!(w.push(&u, signal_at("u", 3, "2026-11-27T10:00:01Z"), now), Pushed::Added);
+        assert_eq!(w.buffered(), 1);
+
+        // A user erased while their window was being generated: the update is refused
+        // and reloaded; the window keeps only what came after the erasure.
+        let v = w.insert("v", Known::default(), 0);
+        w.push(&v, signal_at("v", 1, "2026-11-27T09:00:00Z"), now);
+        w.push(&v, signal_at("v", 2, "2026-11-27T09:30:00Z"), now);
+        w.push(&v, signal_at("v", 3, "2026-11-27T10:30:00Z"), now);
+        w.fire_timers(now + Duration::from_secs(31));
+        assert_eq!(w.take_ready(10).iter().map(|i| i.signals.len()).sum::<usize>(), 4);
+        let known = Known { erased_at_ms: Some(erased_at), ..Known::default() };
+        assert_eq!(w.finish(&v, Finished::Reload(known), now), [(0, 1), (0, 2)], "erased: handled");
+        w.fire_timers(now + Duration::from_secs(62));
+        let again = w.take_ready(10);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].signals.iter().map(|s| s.offset).collect::<Vec<_>>(), [3]);
+        assert_eq!(again[0].expected_version, 0);
     }
 
     #[test]
@@ -524,6 +576,7 @@ mod tests {
             summary: Some("x".into()),
             applied: BTreeMap::from([(0, 1)]),
             recent: vec![],
+            erased_at_ms: None,
         };
         assert_eq!(w.finish(&u, Finished::Reload(known), now), [(0, 1)]);
         assert_eq!(w.buffered(), 1);

@@ -31,6 +31,9 @@ pub struct UserKeys {
     /// List: the user's most recent signals, capped (kept only for base-setting models,
     /// whose prompts show recent behaviour instead of a past summary).
     pub signals: String,
+    /// The user's erasure tombstone: the time (Unix ms) of their last erasure. Signals
+    /// stamped at or before it never become state again.
+    pub erased: String,
 }
 
 impl UserKeys {
@@ -41,6 +44,7 @@ impl UserKeys {
             pending: format!("alignx:{{{tag}}}:pending"),
             history: format!("alignx:{{{tag}}}:history"),
             signals: format!("alignx:{{{tag}}}:signals"),
+            erased: format!("alignx:{{{tag}}}:erased"),
         }
     }
 }

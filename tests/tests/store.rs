@@ -25,6 +25,7 @@ fn update(user: &str, expected: u64, summary: &str, consumed: &[(i32, i64)], n: 
         reasoning: None,
         consumed: consumed.iter().copied().collect::<BTreeMap<_, _>>(),
         signals: n,
+        oldest_ts_ms: 0,
         now_ms: 1_000 + expected,
         outbox: String::new(),
         recent: vec![],
@@ -86,4 +87,49 @@ async fn updates_apply_once_and_replays_change_nothing() {
     assert_eq!(rec.applied, BTreeMap::from([(0, 16)]));
     // Partition 1's signal is still waiting.
     assert_eq!(store.pending(user).await.unwrap(), vec![window[2].clone()]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn erasure_removes_everything_and_old_signals_never_come_back() {
+    let redis = start_redis().unwrap();
+    let client = redis::Client::open(format!("redis://{}/", redis.addr())).unwrap();
+    let store = Store::new(client.get_multiplexed_async_connection().await.unwrap(), 3);
+    let user = "erin{x}";
+    let ts = signal(user, 0, 0).signal.ts.unix_ms();
+    store.persist_pending(user, &[signal(user, 0, 1), signal(user, 0, 2)]).await.unwrap();
+    let mut first = update(user, 0, "likes brevity", &[(0, 1)], 1);
+    first.oldest_ts_ms = ts;
+    assert!(matches!(store.apply(&first).await.unwrap(), ApplyOutcome::Applied { version: 1, .. }));
+    assert_eq!(store.erased_at(user).await.unwrap(), None);
+
+    let erased = store.erase(user, ts + 1_000).await.unwrap();
+    assert_eq!((erased.version, erased.pending, erased.history), (1, 1, 0));
+    let rec = store.load_user(user).await.unwrap();
+    assert!(rec.summary.is_none() && rec.applied.is_empty() && rec.outbox.is_none());
+    assert_eq!(rec.erased_at_ms, Some(ts + 1_000));
+    assert!(store.pending(user).await.unwrap().is_empty());
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg("alignx:{erin%7Bx%7D}:*").query_async(&mut conn).await.unwrap();
+    assert_eq!(keys, ["alignx:{erin%7Bx%7D}:erased"], "only the tombstone is left");
+
+    // A replay of the old signals, and the update that was in flight: refused.
+    assert_eq!(store.persist_pending(user, &[signal(user, 0, 2)]).await.unwrap(), 0);
+    let mut in_flight = update(user, 0, "likes brevity", &[(0, 2)], 1);
+    in_flight.oldest_ts_ms = ts;
+    assert_eq!(store.apply(&in_flight).await.unwrap(), ApplyOutcome::Erased { current: 0 });
+    assert!(store.summary(user).await.unwrap().is_none());
+
+    // Signals after the erasure make a new summary from nothing.
+    let mut fresh = update(user, 0, "likes detail", &[(0, 3)], 1);
+    fresh.oldest_ts_ms = ts + 2_000;
+    assert!(matches!(
+        store.apply(&fresh).await.unwrap(),
+        ApplyOutcome::Applied { version: 1, signals_applied: 1 }
+    ));
+
+    // Erasing again is idempotent; the tombstone never moves back.
+    store.erase(user, ts + 5_000).await.unwrap();
+    store.erase(user, ts).await.unwrap();
+    assert_eq!(store.erased_at(user).await.unwrap(), Some(ts + 5_000));
 }
