@@ -422,6 +422,59 @@ pub struct RunArgs {
     pub max_in_flight: Option<usize>,
 }
 
+/// The connection settings of the operator commands (`produce`, `inspect`, `export`,
+/// `erase`): the same file, environment variables and flags as `run`, without the
+/// engine's.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ConnArgs {
+    /// TOML configuration file (the consumer's); flags and environment variables override it.
+    #[arg(long, env = "ALIGNX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers, comma-separated [default: 127.0.0.1:9092].
+    #[arg(long, env = "ALIGNX_BROKERS")]
+    pub brokers: Option<String>,
+    /// Topic of incoming signals [default: alignx.signals].
+    #[arg(long, env = "ALIGNX_INPUT_TOPIC")]
+    pub input_topic: Option<String>,
+    /// Topic of inference-log records (and erasure audit records) [default: alignx.inference-log].
+    #[arg(long, env = "ALIGNX_LOG_TOPIC")]
+    pub log_topic: Option<String>,
+    /// librdkafka property, e.g. `security.protocol=SSL` (repeatable).
+    #[arg(long = "kafka-set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_set: Vec<(String, String)>,
+    /// librdkafka property read from a file, e.g. `sasl.password=/run/secrets/kafka` (repeatable).
+    #[arg(long = "kafka-set-file", value_name = "KEY=PATH", value_parser = parse_key_value)]
+    pub kafka_set_file: Vec<(String, String)>,
+    /// Redis URL, or several comma-separated for Redis Cluster [default: redis://127.0.0.1:6379/].
+    #[arg(long, env = "ALIGNX_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Treat the Redis URL(s) as a Redis Cluster.
+    #[arg(long)]
+    pub redis_cluster: bool,
+    /// File holding the Redis password (the env var ALIGNX_REDIS_PASSWORD also works).
+    #[arg(long, env = "ALIGNX_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    /// The consumer's configuration with these settings applied (engine settings unused).
+    pub fn load(self) -> Result<RunConfig, ConfigError> {
+        RunConfig::load(RunArgs {
+            config: self.config,
+            brokers: self.brokers,
+            input_topic: self.input_topic,
+            log_topic: self.log_topic,
+            kafka_set: self.kafka_set,
+            kafka_set_file: self.kafka_set_file,
+            redis_url: self.redis_url,
+            redis_cluster: self.redis_cluster,
+            redis_password_file: self.redis_password_file,
+            engine: Some(EngineKind::Counting),
+            ..RunArgs::default()
+        })
+    }
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| "expected KEY=VALUE".to_owned())?;
     if k.trim().is_empty() {

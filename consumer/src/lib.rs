@@ -25,6 +25,8 @@
 //!   to the binary).
 //! - [`store`]: the Redis store: pending windows, summaries, history, applied by Lua
 //!   scripts atomically and idempotently (DESIGN.md §3.3).
+//! - [`ops`]: operator commands — `produce` signals from a file, `inspect`/`export`
+//!   everything stored about a user, `erase` a user (tombstone + audit record).
 //! - [`validate_cmd`]: `alignx-consumer validate`, the DLQ gate run over a file, so
 //!   producers can check their output before sending it.
 
@@ -36,6 +38,7 @@ pub mod offsets;
 pub mod onnx_engine;
 pub mod onnx_model;
 pub mod onnx_runtime;
+pub mod ops;
 pub mod pipeline;
 pub mod redis_conn;
 pub mod reload;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use alignx_consumer::config::{EngineKind, RunArgs, RunConfig};
+use alignx_consumer::config::{ConnArgs, EngineKind, RunArgs, RunConfig};
 use alignx_consumer::engine::{CountingEngine, Engine};
 use alignx_consumer::metrics::Metrics;
 use alignx_consumer::onnx_engine::{OnnxEngine, ServeOptions};
@@ -16,7 +16,7 @@ use alignx_consumer::onnx_model::DeviceChoice;
 use alignx_consumer::pipeline::{self, Exit};
 use alignx_consumer::reload::{Loader, Reload};
 use alignx_consumer::sampler::SamplingParams;
-use alignx_consumer::{onnx_runtime, validate_cmd};
+use alignx_consumer::{onnx_runtime, ops, validate_cmd};
 use alignx_schemas::Limits;
 use anyhow::Context;
 
@@ -49,6 +49,53 @@ enum Command {
         /// ONNX Runtime library file (default: $ORT_DYLIB_PATH, then next to this binary).
         #[arg(long, env = "ALIGNX_ORT_LIBRARY")]
         ort_library: Option<PathBuf>,
+    },
+    /// Send signals (JSON Lines, `alignx.signal.v1`) to the input topic keyed by user_id,
+    /// after checking every line as the consumer would. Invalid lines are printed with
+    /// their line number and reason, and nothing is sent (exit 1) unless --skip-invalid.
+    Produce {
+        /// Input file, or `-` for standard input.
+        #[arg(default_value = "-")]
+        input: PathBuf,
+        /// Send the valid lines even when some are invalid (those are reported, not sent).
+        #[arg(long)]
+        skip_invalid: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Show everything stored about a user: current summary (version, model, update
+    /// time), pending signals, summary history, erasure.
+    Inspect {
+        user_id: String,
+        /// The full record as JSON (the same document as `export`).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Export everything stored about a user in Redis as JSON (`alignx.user_export.v1`):
+    /// summary, history, pending and recent signals. Kafka topics are not included (see
+    /// the README on retention).
+    Export {
+        user_id: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Erase a user: delete their summary, history, pending and recent signals from Redis
+    /// and leave a tombstone, so that replayed or in-flight signals stamped before now
+    /// never become state again (signals after it start a new summary); then write an
+    /// `alignx.erasure.v1` audit record (no content) to the inference-log topic. Safe to
+    /// run again.
+    Erase {
+        user_id: String,
+        /// Why, for the audit record (e.g. a ticket id). Never put user content here.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
     },
     /// Check signals (JSON Lines, `alignx.signal.v1`) as the consumer would, printing
     /// each rejected line with its DLQ reason. Exit code 1 when any line is rejected.
@@ -149,12 +196,7 @@ fn doctor(ort_library: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 }
 
 fn validate(input: PathBuf, limits: Limits) -> anyhow::Result<ExitCode> {
-    let reader: Box<dyn std::io::BufRead> = if input.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        let file = std::fs::File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
-        Box::new(BufReader::new(file))
-    };
+    let reader = input_reader(&input)?;
     let report = validate_cmd::validate_lines(reader, &limits, |r| {
         println!("line {}: {} — {}", r.line, r.reason, r.detail);
     })
@@ -168,6 +210,93 @@ fn validate(input: PathBuf, limits: Limits) -> anyhow::Result<ExitCode> {
         if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) }
     );
     Ok(if report.rejected_total() == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn input_reader(input: &PathBuf) -> anyhow::Result<Box<dyn std::io::BufRead>> {
+    Ok(if input.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+        Box::new(BufReader::new(file))
+    })
+}
+
+/// A current-thread runtime for the operator commands.
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
+}
+
+fn produce(input: PathBuf, skip_invalid: bool, conn: ConnArgs) -> anyhow::Result<ExitCode> {
+    let cfg = conn.load()?;
+    let reader = input_reader(&input)?;
+    let bar = indicatif::ProgressBar::new_spinner().with_message("sent");
+    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {pos} signals {msg} ({per_sec})")?);
+    let report = block_on(ops::produce(
+        &cfg,
+        reader,
+        skip_invalid,
+        |bad| println!("line {}: {} — {}", bad.line, bad.reason, bad.detail),
+        |n| bar.set_position(n),
+    ))?;
+    bar.finish_and_clear();
+    let kinds: Vec<String> = report.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    if report.invalid > 0 && !skip_invalid {
+        println!("{} invalid lines: nothing sent (fix them, or pass --skip-invalid)", report.invalid);
+        return Ok(ExitCode::from(1));
+    }
+    println!(
+        "sent {} signals to {} ({}){}",
+        report.sent,
+        cfg.kafka.input_topic,
+        kinds.join(", "),
+        if report.invalid > 0 {
+            format!("; skipped {} invalid lines", report.invalid)
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(user_id: &str, json: bool, conn: ConnArgs) -> anyhow::Result<ExitCode> {
+    let cfg = conn.load()?;
+    let e = block_on(ops::export(&cfg, user_id))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        print!("{}", ops::render(&e));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(user_id: &str, out: Option<PathBuf>, conn: ConnArgs) -> anyhow::Result<ExitCode> {
+    let cfg = conn.load()?;
+    let e = block_on(ops::export(&cfg, user_id))?;
+    let json = serde_json::to_string_pretty(&e)? + "\n";
+    match out {
+        Some(path) => {
+            std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
+            eprintln!("exported {user_id} to {}", path.display());
+        }
+        None => print!("{json}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn erase(user_id: &str, reason: Option<String>, conn: ConnArgs) -> anyhow::Result<ExitCode> {
+    let cfg = conn.load()?;
+    let r = block_on(ops::erase(&cfg, user_id, reason))?;
+    println!(
+        "erased {}: summary version {}, {} pending signals, {} past summaries; tombstone at {} ms; \
+         audit record on {}",
+        r.user_id,
+        r.erased_version,
+        r.pending_removed,
+        r.history_removed,
+        r.erased_at_ms,
+        cfg.kafka.log_topic
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -225,6 +354,10 @@ fn main() -> ExitCode {
         Command::Validate { input, max_id_bytes, max_text_bytes, max_message_bytes } => {
             validate(input, Limits { max_id_bytes, max_text_bytes, max_message_bytes })
         }
+        Command::Produce { input, skip_invalid, conn } => produce(input, skip_invalid, conn),
+        Command::Inspect { user_id, json, conn } => inspect(&user_id, json, conn),
+        Command::Export { user_id, out, conn } => export(&user_id, out, conn),
+        Command::Erase { user_id, reason, conn } => erase(&user_id, reason, conn),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");

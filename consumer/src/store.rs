@@ -447,6 +447,11 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
         self.list(user_id, &UserKeys::new(user_id).pending).await
     }
 
+    /// The most recent applied signals, oldest first (kept in the base setting only).
+    pub async fn recent(&self, user_id: &str) -> Result<Vec<LoggedSignal>, StoreError> {
+        self.list(user_id, &UserKeys::new(user_id).signals).await
+    }
+
     /// Past summaries, newest first.
     pub async fn history(&self, user_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
         self.list(user_id, &UserKeys::new(user_id).history).await

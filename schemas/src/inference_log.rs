@@ -86,3 +86,36 @@ pub struct InferenceLogRecord<S = LoggedSignal> {
     pub latency_ms: u64,
     pub outcome: UpdateOutcome,
 }
+
+/// The `schema` member of an erasure record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ErasureSchema {
+    #[default]
+    #[serde(rename = "alignx.erasure.v1")]
+    V1,
+}
+
+/// `alignx.erasure.v1`: the audit record `alignx-consumer erase` writes to the
+/// inference-log topic (keyed by user) when a user's data is erased. It holds no content;
+/// readers of the log (dataset builders) drop the user's earlier records when they see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErasureRecord {
+    pub schema: ErasureSchema,
+    pub user_id: String,
+    /// The tombstone: signals stamped at or before it (Unix ms) never become state again.
+    pub erased_at_ms: u64,
+    /// The summary version that was deleted (0: none).
+    pub erased_version: u64,
+    /// Why, for the audit trail (e.g. a ticket id); never user content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A record of the inference-log topic: an update, or an erasure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LogTopicRecord {
+    Update(Box<InferenceLogRecord>),
+    Erasure(ErasureRecord),
+}

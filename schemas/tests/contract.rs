@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use alignx_schemas::inference_log::InferenceLogRecord;
+use alignx_schemas::inference_log::{ErasureRecord, InferenceLogRecord};
 use alignx_schemas::summary::SummaryRecord;
 use alignx_schemas::training::{
     ColdStartRecord, EvalRecord, RlRecord, StreamingRlRecord, TrainingRecord, read_records,
@@ -69,6 +69,9 @@ fn rust_side(schema: &str, doc: &Value) -> Result<Value, String> {
             .map(|r| serde_json::to_value(r).unwrap())
             .map_err(|e| e.to_string()),
         "inference_log.v1" => serde_json::from_value::<InferenceLogRecord>(doc.clone())
+            .map(|r| serde_json::to_value(r).unwrap())
+            .map_err(|e| e.to_string()),
+        "erasure.v1" => serde_json::from_value::<ErasureRecord>(doc.clone())
             .map(|r| serde_json::to_value(r).unwrap())
             .map_err(|e| e.to_string()),
         "cold_start" => training::<ColdStartRecord>(doc),

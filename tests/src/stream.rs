@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use alignx_schemas::inference_log::InferenceLogRecord;
+use alignx_schemas::inference_log::LogTopicRecord;
 use alignx_schemas::keys::{self, UserKeys};
 use anyhow::{Context, bail, ensure};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -132,6 +132,7 @@ pub fn produce(brokers: &str, messages: &[Produced]) -> anyhow::Result<()> {
 pub struct Record {
     pub partition: i32,
     pub offset: i64,
+    pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: HashMap<String, String>,
 }
@@ -173,6 +174,7 @@ pub fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
         out.push(Record {
             partition: m.partition(),
             offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().unwrap_or_default().to_vec(),
             headers,
         });
@@ -444,8 +446,10 @@ pub fn audit(
 fn check_log(brokers: &str, versions: &HashMap<String, u64>) -> anyhow::Result<usize> {
     let mut logged: HashMap<String, Vec<u64>> = HashMap::new();
     for r in &read_topic(brokers, keys::INFERENCE_LOG_TOPIC)? {
-        let rec: InferenceLogRecord =
-            serde_json::from_slice(&r.payload).context("an inference-log record")?;
+        let rec = match serde_json::from_slice(&r.payload).context("an inference-log record")? {
+            LogTopicRecord::Update(rec) => rec,
+            LogTopicRecord::Erasure(_) => continue,
+        };
         if let Some(v) = rec.new_version {
             logged.entry(rec.user_id).or_default().push(v);
         }
