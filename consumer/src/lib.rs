@@ -25,11 +25,13 @@
 //!   to the binary).
 //! - [`store`]: the Redis store: pending windows, summaries, history, applied by Lua
 //!   scripts atomically and idempotently (DESIGN.md §3.3).
+//! - [`backfill`]: re-infer summaries with a new model from the users' logged windows.
 //! - [`ops`]: operator commands — `produce` signals from a file, `inspect`/`export`
 //!   everything stored about a user, `erase` a user (tombstone + audit record).
 //! - [`validate_cmd`]: `alignx-consumer validate`, the DLQ gate run over a file, so
 //!   producers can check their output before sending it.
 
+pub mod backfill;
 pub mod config;
 pub mod engine;
 pub mod ingest;

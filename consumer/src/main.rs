@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use alignx_consumer::backfill::{self, BackfillOptions};
 use alignx_consumer::config::{ConnArgs, EngineKind, RunArgs, RunConfig};
 use alignx_consumer::engine::{CountingEngine, Engine};
 use alignx_consumer::metrics::Metrics;
@@ -18,6 +19,7 @@ use alignx_consumer::reload::{Loader, Reload};
 use alignx_consumer::sampler::SamplingParams;
 use alignx_consumer::{onnx_runtime, ops, validate_cmd};
 use alignx_schemas::Limits;
+use alignx_schemas::prompt::Templates;
 use anyhow::Context;
 
 // The pipeline allocates many small, short-lived buffers across threads; glibc's malloc
@@ -97,6 +99,12 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// After a model upgrade, re-infer users' summaries with the new model from their
+    /// history (the windows recorded on the inference-log topic), at a bounded rate, while
+    /// the live consumer runs: a summary the consumer updated meanwhile is kept. Users
+    /// already written by this model are skipped, so rerunning resumes. Takes `run`'s
+    /// flags for Kafka, Redis and the model.
+    Backfill(Box<BackfillArgs>),
     /// Check signals (JSON Lines, `alignx.signal.v1`) as the consumer would, printing
     /// each rejected line with its DLQ reason. Exit code 1 when any line is rejected.
     Validate {
@@ -146,6 +154,27 @@ struct GenerateArgs {
     threads: usize,
     #[arg(long, env = "ALIGNX_ORT_LIBRARY")]
     ort_library: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct BackfillArgs {
+    /// Only these users (comma-separated); default: every user with history in the log.
+    #[arg(long, value_delimiter = ',', conflicts_with = "users_file")]
+    users: Option<Vec<String>>,
+    /// Only the users listed in this file, one per line.
+    #[arg(long)]
+    users_file: Option<PathBuf>,
+    /// Also re-infer users whose summary this model already wrote.
+    #[arg(long)]
+    include_current: bool,
+    /// Users per second at most (0: no limit), leaving the live consumer its share.
+    #[arg(long, default_value_t = 20.0)]
+    max_rate: f64,
+    /// Reading the inference log stops after this long without a new record.
+    #[arg(long, default_value = "2s", value_parser = alignx_consumer::config::parse_duration)]
+    log_idle: std::time::Duration,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -226,6 +255,60 @@ fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyho
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
 
+fn backfill(a: BackfillArgs) -> anyhow::Result<ExitCode> {
+    let cfg = RunConfig::load(a.run)?;
+    let (engine, _) = load_engine(&cfg, &Metrics::new())?;
+    let templates = match &cfg.engine.templates {
+        Some(path) => Templates::from_file(path)?,
+        None => Templates::default(),
+    };
+    let users = match (a.users, a.users_file) {
+        (Some(list), _) => Some(list),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("read {}", path.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ),
+        (None, None) => None,
+    };
+    let opts = BackfillOptions {
+        users,
+        include_current: a.include_current,
+        max_users_per_second: a.max_rate,
+        batch_size: cfg.engine.batch_size,
+        log_idle: a.log_idle,
+    };
+    eprintln!("reading user histories from {} …", cfg.kafka.log_topic);
+    let bar = indicatif::ProgressBar::no_length();
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} users ({per_sec}, eta {eta})",
+    )?);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let report =
+        runtime.block_on(backfill::backfill(&cfg, engine.clone(), &templates, &opts, |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        }))?;
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    println!(
+        "backfill with {}: {} rewritten, {} already current, {} raced by the live consumer (kept theirs), \
+         {} updated since the log was read (run again), {} without a summary, {} without any answer",
+        engine.model_id(),
+        report.rewritten,
+        report.already_current,
+        report.raced,
+        report.log_behind,
+        report.no_summary,
+        report.no_answer
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn produce(input: PathBuf, skip_invalid: bool, conn: ConnArgs) -> anyhow::Result<ExitCode> {
     let cfg = conn.load()?;
     let reader = input_reader(&input)?;
@@ -299,13 +382,12 @@ fn erase(user_id: &str, reason: Option<String>, conn: ConnArgs) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let cfg = RunConfig::load(args)?;
-    let metrics = Metrics::new();
-    let (engine, reload): (Arc<dyn Engine>, Option<Reload>) = match cfg.engine.kind {
+/// The configured engine, and for a model the loader hot reload uses.
+fn load_engine(cfg: &RunConfig, metrics: &Metrics) -> anyhow::Result<(Arc<dyn Engine>, Option<Loader>)> {
+    match cfg.engine.kind {
         EngineKind::Counting => {
             tracing::warn!("engine `counting`: summaries count signal kinds; no model runs");
-            (Arc::new(CountingEngine), None)
+            Ok((Arc::new(CountingEngine), None))
         }
         EngineKind::Onnx => {
             let dir = cfg.engine.model_dir.clone().context("--engine onnx needs --model-dir")?;
@@ -327,10 +409,21 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             });
             let engine = loader(&dir)?;
             tracing::info!(model = engine.model_id(), provider = engine.provider(), "model loaded");
-            let interval = cfg.engine.reload_interval;
-            let reload = (!interval.is_zero()).then(|| Reload { model_dir: dir, interval, loader });
-            (engine, reload)
+            Ok((engine, Some(loader)))
         }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = RunConfig::load(args)?;
+    let metrics = Metrics::new();
+    let (engine, loader) = load_engine(&cfg, &metrics)?;
+    let interval = cfg.engine.reload_interval;
+    let reload = match (loader, &cfg.engine.model_dir) {
+        (Some(loader), Some(dir)) if !interval.is_zero() => {
+            Some(Reload { model_dir: dir.clone(), interval, loader })
+        }
+        _ => None,
     };
     match pipeline::run(cfg, engine, reload, metrics, Arc::new(AtomicBool::new(false)))? {
         Exit::Shutdown => Ok(ExitCode::SUCCESS),
@@ -355,6 +448,7 @@ fn main() -> ExitCode {
             validate(input, Limits { max_id_bytes, max_text_bytes, max_message_bytes })
         }
         Command::Produce { input, skip_invalid, conn } => produce(input, skip_invalid, conn),
+        Command::Backfill(args) => backfill(*args),
         Command::Inspect { user_id, json, conn } => inspect(&user_id, json, conn),
         Command::Export { user_id, out, conn } => export(&user_id, out, conn),
         Command::Erase { user_id, reason, conn } => erase(&user_id, reason, conn),
