@@ -362,3 +362,122 @@ fn backfill_while_the_consumer_runs_loses_and_doubles_nothing() {
     }
     consumer.terminate(Duration::from_secs(30)).unwrap();
 }
+
+/// The backfill at scale with a real model: 1,000 users, the tiny ONNX policy serving
+/// (`ALIGNX_TINY_POLICY`, a model directory; e.g. from `alignx-trainer recipe tiny`),
+/// a second copy of it as the "new" model, while the consumer applies new signals.
+/// Minutes on a CPU, so not in `make test`:
+/// `ALIGNX_TINY_POLICY=DIR cargo nextest run -p alignx-tests --test ops --run-ignored only`.
+#[test]
+#[ignore]
+fn backfill_of_1000_users_with_the_tiny_model() {
+    let policy = std::path::PathBuf::from(std::env::var("ALIGNX_TINY_POLICY").expect("ALIGNX_TINY_POLICY"));
+    let dir = tempfile::tempdir().unwrap();
+    let (v1, v2) = (dir.path().join("tiny-v1"), dir.path().join("tiny-v2"));
+    for d in [&v1, &v2] {
+        std::fs::create_dir(d).unwrap();
+        for f in std::fs::read_dir(&policy).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), d.join(f.file_name())).unwrap();
+        }
+    }
+    let w = world();
+    let first = scenario(1_000, 4_000, 0, 31);
+    let second = scenario(1_000, 2_000, 0, 32);
+    produce(&w.brokers, &first).unwrap();
+    let model = |d: &std::path::Path| {
+        vec!["--engine".to_owned(), "onnx".into(), "--model-dir".into(), d.display().to_string()]
+    };
+    let serving = model(&v1);
+    let mut extra: Vec<&str> = serving.iter().map(String::as_str).collect();
+    extra.extend(["--max-new-tokens", "96", "--batch-size", "32", "--reload-interval", "0s"]);
+    let mut consumer = ConsumerProcess::start(&w.brokers, &w.redis_url, &extra).unwrap();
+    let mut redis = redis::Client::open(w.redis_url.as_str()).unwrap().get_connection().unwrap();
+    let users: Vec<String> = first
+        .iter()
+        .chain(&second)
+        .map(|m| m.key.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // Every signal consumed once: applied or (the model wrote no answer) failed.
+    let consumed = |redis: &mut redis::Connection| -> u64 {
+        let mut pipe = redis::pipe();
+        for u in &users {
+            pipe.cmd("HMGET").arg(UserKeys::new(u).summary).arg("signals_applied").arg("signals_failed");
+        }
+        let rows: Vec<(Option<u64>, Option<u64>)> = pipe.query(redis).unwrap();
+        rows.into_iter().map(|(a, f)| a.unwrap_or(0) + f.unwrap_or(0)).sum()
+    };
+    let wait = |redis: &mut redis::Connection, want: u64, consumer: &mut ConsumerProcess| {
+        let deadline = Instant::now() + Duration::from_secs(1_800);
+        loop {
+            let got = consumed(redis);
+            assert!(got <= want, "{got} signals consumed of {want}: some twice");
+            if got == want {
+                break;
+            }
+            assert!(
+                consumer.is_running() && Instant::now() < deadline,
+                "stalled at {got}/{want}:\n{}",
+                consumer.log()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let started = Instant::now();
+    wait(&mut redis, 4_000, &mut consumer);
+    println!("first stream: 4,000 signals of 1,000 users in {:.0}s", started.elapsed().as_secs_f64());
+
+    let started = Instant::now();
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            for chunk in second.chunks(100) {
+                produce(&w.brokers, chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        let mut args = vec!["backfill", "--max-rate", "0", "--max-new-tokens", "96", "--batch-size", "32"];
+        let new = model(&v2);
+        args.extend(new.iter().map(String::as_str));
+        let out = ops(&w, &args, None);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    println!("backfill ({:.0}s): {report}", started.elapsed().as_secs_f64());
+    wait(&mut redis, 6_000, &mut consumer);
+
+    // Versions: strictly decreasing history, and every version 1..=v in the log.
+    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+    for u in &users {
+        let v: Option<u64> =
+            redis::cmd("HGET").arg(UserKeys::new(u).summary).arg("version").query(&mut redis).unwrap();
+        let history: Vec<String> =
+            redis::cmd("LRANGE").arg(UserKeys::new(u).history).arg(0).arg(-1).query(&mut redis).unwrap();
+        let hv: Vec<u64> = history
+            .iter()
+            .map(|h| serde_json::from_str::<serde_json::Value>(h).unwrap()["version"].as_u64().unwrap())
+            .collect();
+        assert!(
+            hv.windows(2).all(|p| p[0] > p[1]) && hv.first().is_none_or(|&h| Some(h) < v),
+            "{u}: {hv:?} {v:?}"
+        );
+        versions.insert(u.clone(), v.unwrap_or(0));
+    }
+    let mut logged: BTreeMap<String, std::collections::BTreeSet<u64>> = BTreeMap::new();
+    let mut by_model: BTreeMap<String, u64> = BTreeMap::new();
+    for r in read_topic(&w.brokers, keys::INFERENCE_LOG_TOPIC).unwrap() {
+        if let LogTopicRecord::Update(rec) = serde_json::from_slice(&r.payload).unwrap()
+            && let Some(v) = rec.new_version
+        {
+            logged.entry(rec.user_id).or_default().insert(v);
+            *by_model.entry(rec.model).or_default() += 1;
+        }
+    }
+    for (u, v) in &versions {
+        let got: Vec<u64> = logged.get(u).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        assert_eq!(got, (1..=*v).collect::<Vec<_>>(), "{u}: logged versions");
+    }
+    println!("versions logged by model: {by_model:?}; total versions {}", versions.values().sum::<u64>());
+    consumer.terminate(Duration::from_secs(60)).unwrap();
+}
