@@ -210,17 +210,18 @@ pub fn committed(brokers: &str, group: &str) -> anyhow::Result<BTreeMap<i32, i64
         .collect())
 }
 
-/// `alignx-consumer`, built next to this test binary by the workspace build.
+/// `alignx-consumer`, built by the workspace build next to this binary (the demo) or one
+/// directory up (test binaries live in `deps/`).
 pub fn consumer_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(|d| d.parent()).context("test binary has no target dir")?;
-    let bin = dir.join("alignx-consumer");
-    ensure!(
-        bin.exists(),
-        "{} not built: run the tests through `make test` (a workspace build)",
-        bin.display()
-    );
-    Ok(bin)
+    let here = exe.parent().context("binary has no directory")?;
+    let candidates = [here.join("alignx-consumer"), here.parent().unwrap_or(here).join("alignx-consumer")];
+    candidates.iter().find(|b| b.exists()).cloned().with_context(|| {
+        format!(
+            "{} not built: run through `make test` or `make demo` (a workspace build)",
+            candidates[1].display()
+        )
+    })
 }
 
 /// A running `alignx-consumer run` process with the counting engine.
