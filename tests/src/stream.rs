@@ -234,6 +234,16 @@ pub struct ConsumerProcess {
 
 impl ConsumerProcess {
     pub fn start(brokers: &str, redis_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(brokers, redis_url, extra, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables (they override the defaults).
+    pub fn start_with_env(
+        brokers: &str,
+        redis_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("consumer.log");
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -252,6 +262,7 @@ impl ConsumerProcess {
             .args(["--kafka-set", "statistics.interval.ms=1000"])
             .args(extra)
             .env("ALIGNX_LOG", "info,librdkafka=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
