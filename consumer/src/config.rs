@@ -331,45 +331,18 @@ impl fmt::Debug for SettingValue {
 /// and overrides the file.
 #[derive(Debug, Default, clap::Args)]
 pub struct RunArgs {
-    /// TOML configuration file; flags and environment variables override it.
-    #[arg(long, env = "ALIGNX_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Kafka bootstrap servers, comma-separated [default: 127.0.0.1:9092].
-    #[arg(long, env = "ALIGNX_BROKERS")]
-    pub brokers: Option<String>,
+    /// Configuration file, Kafka and Redis: shared with the operator commands.
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// Consumer group [default: alignx-consumer].
     #[arg(long, env = "ALIGNX_GROUP_ID")]
     pub group_id: Option<String>,
-    /// Topic of incoming signals [default: alignx.signals].
-    #[arg(long, env = "ALIGNX_INPUT_TOPIC")]
-    pub input_topic: Option<String>,
     /// Dead-letter topic for rejected messages [default: alignx.signals.dlq].
     #[arg(long, env = "ALIGNX_DLQ_TOPIC")]
     pub dlq_topic: Option<String>,
-    /// Topic of inference-log records, one per update [default: alignx.inference-log].
-    #[arg(long, env = "ALIGNX_LOG_TOPIC")]
-    pub log_topic: Option<String>,
     /// Optional compacted topic receiving every new summary.
     #[arg(long, env = "ALIGNX_SUMMARIES_TOPIC")]
     pub summaries_topic: Option<String>,
-    /// librdkafka property for the consumer and producers, e.g. `security.protocol=SSL`
-    /// (repeatable). Prefer the config file or env for secrets: flags are visible in `ps`.
-    #[arg(long = "kafka-set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    pub kafka_set: Vec<(String, String)>,
-    /// librdkafka property whose value is read from a file, e.g.
-    /// `sasl.password=/run/secrets/kafka-password` (repeatable; one trailing newline is
-    /// dropped). The way to pass secrets.
-    #[arg(long = "kafka-set-file", value_name = "KEY=PATH", value_parser = parse_key_value)]
-    pub kafka_set_file: Vec<(String, String)>,
-    /// Redis URL, or several comma-separated for Redis Cluster [default: redis://127.0.0.1:6379/].
-    #[arg(long, env = "ALIGNX_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// Treat the Redis URL(s) as a Redis Cluster.
-    #[arg(long)]
-    pub redis_cluster: bool,
-    /// File holding the Redis password (the env var ALIGNX_REDIS_PASSWORD also works).
-    #[arg(long, env = "ALIGNX_REDIS_PASSWORD_FILE")]
-    pub redis_password_file: Option<PathBuf>,
     /// Model directory (ONNX export, tokenizer, configs) for `--engine onnx`.
     #[arg(long, env = "ALIGNX_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
@@ -422,9 +395,8 @@ pub struct RunArgs {
     pub max_in_flight: Option<usize>,
 }
 
-/// The connection settings of the operator commands (`produce`, `inspect`, `export`,
-/// `erase`): the same file, environment variables and flags as `run`, without the
-/// engine's.
+/// Configuration file, Kafka and Redis: the settings of the operator commands
+/// (`produce`, `inspect`, `export`, `erase`), and the first part of `run`'s.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ConnArgs {
     /// TOML configuration file (the consumer's); flags and environment variables override it.
@@ -436,13 +408,18 @@ pub struct ConnArgs {
     /// Topic of incoming signals [default: alignx.signals].
     #[arg(long, env = "ALIGNX_INPUT_TOPIC")]
     pub input_topic: Option<String>,
-    /// Topic of inference-log records (and erasure audit records) [default: alignx.inference-log].
+    /// Topic of inference-log records, one per update, and of erasure audit records
+    /// [default: alignx.inference-log].
     #[arg(long, env = "ALIGNX_LOG_TOPIC")]
     pub log_topic: Option<String>,
-    /// librdkafka property, e.g. `security.protocol=SSL` (repeatable).
+    /// librdkafka property for the consumer and producers, e.g. `security.protocol=SSL`
+    /// (repeatable). Prefer the config file or `--kafka-set-file` for secrets: flags are
+    /// visible in `ps`.
     #[arg(long = "kafka-set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub kafka_set: Vec<(String, String)>,
-    /// librdkafka property read from a file, e.g. `sasl.password=/run/secrets/kafka` (repeatable).
+    /// librdkafka property whose value is read from a file, e.g.
+    /// `sasl.password=/run/secrets/kafka-password` (repeatable; one trailing newline is
+    /// dropped). The way to pass secrets.
     #[arg(long = "kafka-set-file", value_name = "KEY=PATH", value_parser = parse_key_value)]
     pub kafka_set_file: Vec<(String, String)>,
     /// Redis URL, or several comma-separated for Redis Cluster [default: redis://127.0.0.1:6379/].
@@ -459,19 +436,7 @@ pub struct ConnArgs {
 impl ConnArgs {
     /// The consumer's configuration with these settings applied (engine settings unused).
     pub fn load(self) -> Result<RunConfig, ConfigError> {
-        RunConfig::load(RunArgs {
-            config: self.config,
-            brokers: self.brokers,
-            input_topic: self.input_topic,
-            log_topic: self.log_topic,
-            kafka_set: self.kafka_set,
-            kafka_set_file: self.kafka_set_file,
-            redis_url: self.redis_url,
-            redis_cluster: self.redis_cluster,
-            redis_password_file: self.redis_password_file,
-            engine: Some(EngineKind::Counting),
-            ..RunArgs::default()
-        })
+        RunConfig::load(RunArgs { conn: self, engine: Some(EngineKind::Counting), ..RunArgs::default() })
     }
 }
 
@@ -507,7 +472,7 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 impl RunConfig {
     /// The file (if any), then the environment and flags in `args`, then checks.
     pub fn load(args: RunArgs) -> Result<Self, ConfigError> {
-        let mut cfg = match &args.config {
+        let mut cfg = match &args.conn.config {
             Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
@@ -529,18 +494,18 @@ impl RunConfig {
             }
         }
         let k = &mut self.kafka;
-        set(&mut k.brokers, a.brokers);
+        set(&mut k.brokers, a.conn.brokers);
         set(&mut k.group_id, a.group_id);
-        set(&mut k.input_topic, a.input_topic);
+        set(&mut k.input_topic, a.conn.input_topic);
         set(&mut k.dlq_topic, a.dlq_topic);
-        set(&mut k.log_topic, a.log_topic);
+        set(&mut k.log_topic, a.conn.log_topic);
         if a.summaries_topic.is_some() {
             k.summaries_topic = a.summaries_topic;
         }
-        for (key, value) in a.kafka_set {
+        for (key, value) in a.conn.kafka_set {
             k.settings.insert(key, SettingValue(value));
         }
-        for (key, path) in a.kafka_set_file {
+        for (key, path) in a.conn.kafka_set_file {
             k.settings_files.insert(key, PathBuf::from(path));
         }
         for (key, path) in &k.settings_files {
@@ -556,10 +521,10 @@ impl RunConfig {
             })?;
             k.settings.insert(key.clone(), SettingValue(raw.trim_end_matches(['\n', '\r']).to_owned()));
         }
-        set(&mut self.redis.url, a.redis_url);
-        self.redis.cluster |= a.redis_cluster;
-        if a.redis_password_file.is_some() {
-            self.redis.password_file = a.redis_password_file;
+        set(&mut self.redis.url, a.conn.redis_url);
+        self.redis.cluster |= a.conn.redis_cluster;
+        if a.conn.redis_password_file.is_some() {
+            self.redis.password_file = a.conn.redis_password_file;
         }
         self.redis.password = match (&self.redis.password_file, std::env::var("ALIGNX_REDIS_PASSWORD")) {
             (Some(path), _) => {
@@ -651,7 +616,11 @@ mod tests {
             "commit_interval = \"2s\"\n[window]\nmax_signals = 8\nmax_wait = \"5s\"\n[engine]\nkind = \"counting\"\n[kafka]\nsettings = { \"sasl.password\" = \"hunter2\" }\n",
         )
         .unwrap();
-        let args = RunArgs { config: Some(path.clone()), window_size: Some(2), ..Default::default() };
+        let args = RunArgs {
+            conn: ConnArgs { config: Some(path.clone()), ..Default::default() },
+            window_size: Some(2),
+            ..Default::default()
+        };
         let cfg = RunConfig::load(args).unwrap();
         assert_eq!(cfg.window.max_signals, 2);
         assert_eq!(cfg.window.max_wait, Duration::from_secs(5));
@@ -660,7 +629,11 @@ mod tests {
         assert!(!format!("{cfg:?}").contains("hunter2"), "secrets never appear in Debug output");
 
         std::fs::write(&path, "[window]\nmax_signal = 8\n").unwrap();
-        let err = RunConfig::load(RunArgs { config: Some(path), ..Default::default() }).unwrap_err();
+        let err = RunConfig::load(RunArgs {
+            conn: ConnArgs { config: Some(path), ..Default::default() },
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("max_signal"), "{err}");
     }
 
@@ -675,14 +648,24 @@ mod tests {
             secret.display().to_string()
         );
         std::fs::write(&path, toml).unwrap();
-        let cfg = RunConfig::load(RunArgs { config: Some(path.clone()), ..Default::default() }).unwrap();
+        let cfg = RunConfig::load(RunArgs {
+            conn: ConnArgs { config: Some(path.clone()), ..Default::default() },
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(cfg.kafka.settings["sasl.password"].0, "s3cr3t-value", "one trailing newline dropped");
         assert!(!format!("{cfg:?}").contains("s3cr3t"));
 
         // The same from a flag; a missing file names the setting and the path.
         let args = RunArgs {
             engine: Some(EngineKind::Counting),
-            kafka_set_file: vec![("ssl.key.password".into(), dir.path().join("nope").display().to_string())],
+            conn: ConnArgs {
+                kafka_set_file: vec![(
+                    "ssl.key.password".into(),
+                    dir.path().join("nope").display().to_string(),
+                )],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let err = RunConfig::load(args).unwrap_err().to_string();
@@ -690,8 +673,11 @@ mod tests {
 
         // A value given twice is ambiguous.
         let args = RunArgs {
-            config: Some(path),
-            kafka_set: vec![("sasl.password".into(), "other".into())],
+            conn: ConnArgs {
+                config: Some(path),
+                kafka_set: vec![("sasl.password".into(), "other".into())],
+                ..Default::default()
+            },
             ..Default::default()
         };
         let err = RunConfig::load(args).unwrap_err().to_string();
