@@ -21,7 +21,7 @@ use alignx_schemas::inference_log::{
 use alignx_schemas::prompt::{Evidence, Setting, Templates};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -153,11 +153,7 @@ pub async fn backfill(
     report.selected = users.len() as u64;
     let conn = RedisConn::connect(&cfg.redis).await.context("connect to Redis")?;
     let store = Store::with_recent(conn, cfg.redis.history_len, 0);
-    let producer: FutureProducer = {
-        let mut c = client_config(&cfg.kafka);
-        c.set("acks", "all");
-        c.create().context("create the Kafka producer")?
-    };
+    let producer = crate::ops::producer(cfg)?;
     let base_signals = cfg.engine.recent_len();
     let max_chars = cfg.engine.max_summary_chars;
     let started = Instant::now();

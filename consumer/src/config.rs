@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use alignx_schemas::prompt::{TemplateError, Templates};
 use alignx_schemas::{Limits, defaults, keys};
 
 use crate::onnx_model::DeviceChoice;
@@ -281,6 +282,14 @@ impl EngineConfig {
         match self.setting {
             PromptSetting::Base => self.base_signals,
             PromptSetting::Streaming => 0,
+        }
+    }
+
+    /// The prompt templates: the configured file, else the shipped ones.
+    pub fn templates(&self) -> Result<Templates, TemplateError> {
+        match &self.templates {
+            Some(path) => Templates::from_file(path),
+            None => Ok(Templates::default()),
         }
     }
 }

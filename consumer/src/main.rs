@@ -19,7 +19,6 @@ use alignx_consumer::reload::{Loader, Reload};
 use alignx_consumer::sampler::SamplingParams;
 use alignx_consumer::{onnx_runtime, ops, validate_cmd};
 use alignx_schemas::Limits;
-use alignx_schemas::prompt::Templates;
 use anyhow::Context;
 
 // The pipeline allocates many small, short-lived buffers across threads; glibc's malloc
@@ -258,10 +257,7 @@ fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyho
 fn backfill(a: BackfillArgs) -> anyhow::Result<ExitCode> {
     let cfg = RunConfig::load(a.run)?;
     let (engine, _) = load_engine(&cfg, &Metrics::new())?;
-    let templates = match &cfg.engine.templates {
-        Some(path) => Templates::from_file(path)?,
-        None => Templates::default(),
-    };
+    let templates = cfg.engine.templates()?;
     let users = match (a.users, a.users_file) {
         (Some(list), _) => Some(list),
         (None, Some(path)) => Some(

@@ -23,7 +23,7 @@ use crate::store::{HistoryEntry, Store};
 
 /// A producer that waits for every acknowledgement and keeps per-partition order even
 /// with many messages in flight (idempotence).
-fn producer(cfg: &RunConfig) -> anyhow::Result<FutureProducer> {
+pub(crate) fn producer(cfg: &RunConfig) -> anyhow::Result<FutureProducer> {
     let mut c = client_config(&cfg.kafka);
     for (k, v) in
         [("acks", "all"), ("enable.idempotence", "true"), ("linger.ms", "5"), ("message.timeout.ms", "30000")]
@@ -217,7 +217,7 @@ pub fn render(e: &UserExport) -> String {
     out
 }
 
-/// What `erase` did.
+/// What `erase` did (returned once the audit record is acknowledged).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ErasureReport {
     pub user_id: String,
@@ -225,8 +225,6 @@ pub struct ErasureReport {
     pub erased_version: u64,
     pub pending_removed: u64,
     pub history_removed: u64,
-    /// The audit record was acknowledged on the inference-log topic.
-    pub audited: bool,
 }
 
 /// Erases everything stored about `user_id` in Redis (atomically, leaving a tombstone at
@@ -265,6 +263,5 @@ pub async fn erase(cfg: &RunConfig, user_id: &str, reason: Option<String>) -> an
         erased_version: erased.version,
         pending_removed: erased.pending,
         history_removed: erased.history,
-        audited: true,
     })
 }

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use alignx_schemas::SignalKind;
 use alignx_schemas::inference_log::LoggedSignal;
 use alignx_schemas::keys::pending_index;
-use alignx_schemas::prompt::Templates;
 use anyhow::Context;
 use prometheus::IntCounter;
 use rdkafka::consumer::{CommitMode, Consumer};
@@ -586,10 +585,7 @@ pub fn run(
         .block_on(connect_redis(&cfg, &metrics, &stop))
         .context("Redis unreachable; stopped before consuming")?;
     redis_ok.store(true, Ordering::Relaxed);
-    let templates = match &cfg.engine.templates {
-        Some(path) => Templates::from_file(path)?,
-        None => Templates::default(),
-    };
+    let templates = cfg.engine.templates()?;
     let store = Store::with_recent(conn, cfg.redis.history_len, cfg.engine.recent_len());
     rt.block_on(store.load_scripts()).context("load the Lua scripts into Redis")?;
     let slot = Arc::new(EngineSlot::new(engine));

@@ -339,7 +339,7 @@ impl<C: ConnectionLike + Send + Clone> Store<C> {
         } else {
             None
         };
-        let recent = if self.recent_len > 0 { self.list(user_id, &keys.signals).await? } else { Vec::new() };
+        let recent = if self.recent_len > 0 { self.recent(user_id).await? } else { Vec::new() };
         Ok(UserRecord { summary, applied, outbox: fields.get(OUTBOX).cloned(), recent, erased_at_ms })
     }
 

@@ -53,10 +53,9 @@ struct UserState {
     erased_at_ms: Option<i64>,
 }
 
-impl UserState {
-    fn erased(&self, signal: &LoggedSignal) -> bool {
-        self.erased_at_ms.is_some_and(|t| signal.signal.ts.unix_ms() <= t)
-    }
+/// Stamped at or before the user's erasure (if any): such a signal never becomes state.
+fn predates(erased_at_ms: Option<i64>, signal: &LoggedSignal) -> bool {
+    erased_at_ms.is_some_and(|t| signal.signal.ts.unix_ms() <= t)
 }
 
 /// A user's stored state, as read from Redis when the pipeline starts serving them.
@@ -194,7 +193,9 @@ impl Windows {
         let Some(st) = self.users.get_mut(user) else { return };
         st.indexed = true;
         for signal in pending {
-            if st.seen.get(&signal.partition).is_some_and(|&o| signal.offset <= o) || st.erased(&signal) {
+            if st.seen.get(&signal.partition).is_some_and(|&o| signal.offset <= o)
+                || predates(st.erased_at_ms, &signal)
+            {
                 continue;
             }
             st.seen.insert(signal.partition, signal.offset);
@@ -215,7 +216,7 @@ impl Windows {
             return Pushed::Duplicate;
         }
         st.seen.insert(signal.partition, signal.offset);
-        if st.erased(&signal) {
+        if predates(st.erased_at_ms, &signal) {
             return Pushed::Erased;
         }
         st.partition = signal.partition;
@@ -333,7 +334,7 @@ impl Windows {
                 st.window.retain(|e| {
                     let applied =
                         known.applied.get(&e.signal.partition).is_some_and(|&o| e.signal.offset <= o);
-                    let erased = erased_at.is_some_and(|t| e.signal.signal.ts.unix_ms() <= t);
+                    let erased = predates(erased_at, &e.signal);
                     if applied || erased {
                         gone.push((e.signal.partition, e.signal.offset));
                     }

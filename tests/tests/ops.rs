@@ -50,6 +50,29 @@ fn ops(w: &World, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Waits (up to 60 s) until `field` of the user's summary satisfies `done`; `alive`
+/// fails the wait early.
+fn wait_for_summary(
+    w: &World,
+    user: &str,
+    field: &str,
+    done: impl Fn(u64) -> bool,
+    mut alive: impl FnMut() -> anyhow::Result<()>,
+) {
+    let mut redis = redis::Client::open(w.redis_url.as_str()).unwrap().get_connection().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let value: Option<u64> =
+            redis::cmd("HGET").arg(UserKeys::new(user).summary).arg(field).query(&mut redis).unwrap();
+        if value.is_some_and(&done) {
+            return;
+        }
+        alive().unwrap();
+        assert!(Instant::now() < deadline, "{user}: summary {field} still {value:?} after 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
@@ -104,20 +127,16 @@ fn produce_validates_first_then_inspect_and_export_show_the_stored_user() {
 
     // The consumer applies them; inspect and export show the same stored state.
     let mut consumer = ConsumerProcess::start(&w.brokers, &w.redis_url, &[]).unwrap();
-    let mut redis = redis::Client::open(w.redis_url.as_str()).unwrap().get_connection().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let applied: Option<u64> = redis::cmd("HGET")
-            .arg(UserKeys::new("ada").summary)
-            .arg("signals_applied")
-            .query(&mut redis)
-            .unwrap();
-        if applied == Some(3) {
-            break;
-        }
-        assert!(consumer.is_running() && Instant::now() < deadline, "ada never applied:\n{}", consumer.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_summary(
+        &w,
+        "ada",
+        "signals_applied",
+        |n| n == 3,
+        || {
+            anyhow::ensure!(consumer.is_running(), "the consumer exited:\n{}", consumer.log());
+            Ok(())
+        },
+    );
     let out = ops(&w, &["inspect", "ada"], None);
     let human = text(&out);
     assert!(out.status.success(), "{human}");
@@ -194,20 +213,7 @@ fn erase_racing_live_traffic_leaves_only_what_came_after() {
         });
         produce(&w.brokers, &others).unwrap();
         // Erase once the victim has a summary with history, while more is in flight.
-        let mut redis = redis::Client::open(w.redis_url.as_str()).unwrap().get_connection().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let v: Option<u64> = redis::cmd("HGET")
-                .arg(UserKeys::new("victim").summary)
-                .arg("version")
-                .query(&mut redis)
-                .unwrap();
-            if v.is_some_and(|v| v >= 3) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the victim never got a summary");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_summary(&w, "victim", "version", |v| v >= 3, || Ok(()));
         wait_until_done(&w.redis_url, &others, Duration::from_secs(60), || Ok(())).unwrap();
         let out = ops(&w, &["erase", "ghost"], None);
         assert!(out.status.success(), "{}", text(&out));
