@@ -2,9 +2,17 @@
 //! outputs are discovered from the file, not assumed, and batched generation runs
 //! prefill then decode with the KV cache fed back.
 //!
-//! The present key/values a step returns are moved, as ONNX Runtime values, into the next
-//! step's past inputs: no copy while the batch is unchanged. When rows finish they leave
-//! the batch, and only then is the cache copied (the remaining rows selected).
+//! Two cache layouts, told apart by the graph's inputs:
+//! - Hugging Face Optimum's (`attention_mask`, `position_ids`; each present is past + new):
+//!   the presents a step returns are moved, as ONNX Runtime values, into the next step's
+//!   past inputs. Prompts are left-padded.
+//! - our `export-onnx --kv-cache shared` (`seqlens_k`, `total_sequence_length`): one
+//!   fixed-capacity buffer per layer and kind, bound as both past and present, which
+//!   ONNX Runtime's `GroupQueryAttention` updates in place — a decode step copies
+//!   nothing. Prompts are right-padded and every row keeps its own length.
+//!
+//! In both, the cache is copied only when the batch changes shape: rows that finish
+//! leave it (the remaining rows selected), new rows join it (stacked).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -83,6 +91,15 @@ impl OneOrMany {
     }
 }
 
+/// How the graph takes its KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `attention_mask` + `position_ids`; presents = past + new.
+    Optimum,
+    /// `seqlens_k` + `total_sequence_length`; presents are the pasts, updated in place.
+    Shared,
+}
+
 /// Precision of the KV cache (the graph's past inputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KvType {
@@ -116,6 +133,7 @@ pub struct Timings {
 /// A loaded model graph with what generation needs to know about it.
 pub struct OnnxModel {
     session: Mutex<Session>,
+    layout: Layout,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -196,8 +214,13 @@ impl OnnxModel {
         let (session, provider) = Self::session(runtime, &path, device, threads)?;
         let graph = |message: String| ModelError::Graph { path: path.clone(), message };
         let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
-        for want in ["input_ids", "attention_mask", "position_ids"] {
-            if !inputs.contains(&want) {
+        let layout = if inputs.contains(&"seqlens_k") { Layout::Shared } else { Layout::Optimum };
+        let wanted: &[&str] = match layout {
+            Layout::Optimum => &["input_ids", "attention_mask", "position_ids"],
+            Layout::Shared => &["input_ids", "seqlens_k", "total_sequence_length"],
+        };
+        for want in wanted {
+            if !inputs.contains(want) {
                 return Err(graph(format!("no `{want}` input (inputs: {})", inputs.join(", "))));
             }
         }
@@ -236,8 +259,15 @@ impl OnnxModel {
                 }
             }
         }
+        if layout == Layout::Shared && kv == KvType::F32 && provider == "cuda" {
+            tracing::warn!(
+                "GroupQueryAttention has no fp32 CUDA kernel: this fp32 shared-cache model runs its attention \
+                 on the CPU; export with --dtype fp16 for GPUs"
+            );
+        }
         Ok(Self {
             session: Mutex::new(session),
+            layout,
             layers,
             kv_heads,
             head_dim,
@@ -300,11 +330,18 @@ impl OnnxModel {
         }
     }
 
-    /// Keeps rows `keep` (in order) of a `[rows, …]` cache tensor.
-    fn select_rows(&self, value: &DynValue, keep: &[usize]) -> Result<DynValue, ModelError> {
+    /// Keeps rows `keep` (in order) of every `[rows, …]` cache tensor.
+    fn select_rows(
+        &self,
+        past: &[DynValue],
+        keep: &[usize],
+        capacity: usize,
+    ) -> Result<Vec<DynValue>, ModelError> {
         fn pick<T: Copy + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
+            model: &OnnxModel,
             value: &DynValue,
             keep: &[usize],
+            capacity: usize,
         ) -> Result<DynValue, ModelError> {
             let copy = host_copy(value)?;
             let value = copy.as_ref().unwrap_or(value);
@@ -316,12 +353,36 @@ impl OnnxModel {
             }
             let mut dims: Vec<i64> = shape.iter().copied().collect();
             dims[0] = keep.len() as i64;
-            Ok(Tensor::from_array((dims, out))?.into_dyn())
+            model.cache_value(dims, out, capacity)
         }
-        match self.kv {
-            KvType::F32 => pick::<f32>(value, keep),
-            KvType::F16 => pick::<f16>(value, keep),
+        past.iter()
+            .map(|v| match self.kv {
+                KvType::F32 => pick::<f32>(self, v, keep, capacity),
+                KvType::F16 => pick::<f16>(self, v, keep, capacity),
+            })
+            .collect()
+    }
+
+    /// A cache tensor of shape `dims` holding `data` (host values) for the next step: a
+    /// plain host tensor in the Optimum layout (ONNX Runtime moves it to the device); in
+    /// the shared layout a buffer ONNX Runtime owns, in the cache's memory, since it will
+    /// be bound as an output.
+    fn cache_value<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        &self,
+        dims: Vec<i64>,
+        data: Vec<T>,
+        capacity: usize,
+    ) -> Result<DynValue, ModelError> {
+        if self.layout == Layout::Optimum {
+            return Ok(Tensor::from_array((dims, data))?.into_dyn());
         }
+        debug_assert_eq!(dims[2] as usize, capacity);
+        let mut host = Tensor::<T>::new(&ort::memory::Allocator::default(), dims)?;
+        host.extract_tensor_mut().1.copy_from_slice(&data);
+        if self.provider == "cuda" {
+            return Ok(host.to(AllocationDevice::CUDA, 0)?.into_dyn());
+        }
+        Ok(host.into_dyn())
     }
 
     /// Continues every prompt as one static batch. `params[i]` and `seeds[i]` belong to
@@ -360,13 +421,27 @@ impl OnnxModel {
         Ok((out.into_iter().map(|o| o.expect("every row finishes")).collect(), timings))
     }
 
-    /// Runs the prompts of `rows` (left-padded) through the model with an empty cache.
+    /// Runs the prompts of `rows` through the model with an empty cache.
     fn prefill(
         &self,
         session: &mut Session,
         rows: Vec<Row>,
         timings: &mut Timings,
     ) -> Result<Running, ModelError> {
+        let started = std::time::Instant::now();
+        let mut running = match self.layout {
+            Layout::Optimum => self.prefill_optimum(session, rows)?,
+            Layout::Shared => self.prefill_shared(session, rows)?,
+        };
+        timings.prefill_s += started.elapsed().as_secs_f64();
+        for row in &mut running.rows {
+            row.next_pos = row.prompt.len() as i64;
+        }
+        Ok(running)
+    }
+
+    /// Optimum layout: prompts left-padded, masked, with explicit positions.
+    fn prefill_optimum(&self, session: &mut Session, rows: Vec<Row>) -> Result<Running, ModelError> {
         let n = rows.len();
         let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0).max(1);
         let mut ids = vec![0i64; n * width];
@@ -383,14 +458,52 @@ impl OnnxModel {
             masks.push(mask);
         }
         let past = (0..2 * self.layers).map(|_| self.empty_past(n)).collect::<Result<_, _>>()?;
-        let mut running = Running { rows, masks, past, logits: Vec::new(), vocab: 0 };
-        let started = std::time::Instant::now();
+        let mut running = Running { rows, masks, past, ..Running::default() };
         self.forward(session, &mut running, ids, positions, width)?;
-        timings.prefill_s += started.elapsed().as_secs_f64();
-        for row in &mut running.rows {
-            row.next_pos = row.prompt.len() as i64;
-        }
         Ok(running)
+    }
+
+    /// Shared layout: prompts right-padded into fresh cache buffers with room for every
+    /// row's prompt and new tokens.
+    fn prefill_shared(&self, session: &mut Session, rows: Vec<Row>) -> Result<Running, ModelError> {
+        if rows.iter().any(|r| r.prompt.is_empty()) {
+            return Err(ModelError::Ort("an empty prompt cannot be prefilled".into()));
+        }
+        let n = rows.len();
+        let width = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(1);
+        let mut ids = vec![0i64; n * width];
+        for (r, row) in rows.iter().enumerate() {
+            for (j, &t) in row.prompt.iter().enumerate() {
+                ids[r * width + j] = i64::from(t);
+            }
+        }
+        // During prefill `seqlens_k` is each row's prompt length minus one.
+        let seqlens: Vec<i32> = rows.iter().map(|r| r.prompt.len() as i32 - 1).collect();
+        let capacity = self.capacity(&rows);
+        let past =
+            (0..2 * self.layers).map(|_| self.kv_buffer(session, n, capacity)).collect::<Result<_, _>>()?;
+        let mut running = Running { rows, past, capacity, ..Running::default() };
+        self.forward_shared(session, &mut running, ids, width, seqlens, width as i32)?;
+        Ok(running)
+    }
+
+    /// Cache positions a batch needs: its longest prompt + new tokens, within the model's
+    /// context.
+    fn capacity(&self, rows: &[Row]) -> usize {
+        let need = rows.iter().map(|r| r.prompt.len() + r.params.max_new_tokens).max().unwrap_or(1);
+        self.max_positions.map_or(need, |m| need.min(m)).max(1)
+    }
+
+    /// An uninitialised cache buffer `[rows, kv_heads, capacity, head_dim]` in the cache's
+    /// memory, created by ONNX Runtime so that it can be bound as an output. Positions a
+    /// row has not written are never read.
+    fn kv_buffer(&self, session: &Session, rows: usize, capacity: usize) -> Result<DynValue, ModelError> {
+        let allocator = ort::memory::Allocator::new(session, self.kv_memory()?)?;
+        let shape = [rows, self.kv_heads, capacity, self.head_dim];
+        Ok(match self.kv {
+            KvType::F32 => Tensor::<f32>::new(&allocator, shape)?.into_dyn(),
+            KvType::F16 => Tensor::<f16>::new(&allocator, shape)?.into_dyn(),
+        })
     }
 
     /// One decode step: each row's last sampled token in, next logits out.
@@ -402,12 +515,22 @@ impl OnnxModel {
     ) -> Result<(), ModelError> {
         let ids: Vec<i64> =
             running.rows.iter().map(|r| i64::from(*r.tokens.last().expect("sampled"))).collect();
-        let positions: Vec<i64> = running.rows.iter().map(|r| r.next_pos).collect();
-        for mask in &mut running.masks {
-            mask.push(1);
-        }
         let started = std::time::Instant::now();
-        self.forward(session, running, ids, positions, 1)?;
+        match self.layout {
+            Layout::Optimum => {
+                let positions: Vec<i64> = running.rows.iter().map(|r| r.next_pos).collect();
+                for mask in &mut running.masks {
+                    mask.push(1);
+                }
+                self.forward(session, running, ids, positions, 1)?;
+            }
+            Layout::Shared => {
+                // During decode `seqlens_k` is the number of cached tokens of each row.
+                let seqlens: Vec<i32> = running.rows.iter().map(|r| r.next_pos as i32).collect();
+                let total = seqlens.iter().max().copied().unwrap_or(0) + 1;
+                self.forward_shared(session, running, ids, 1, seqlens, total)?;
+            }
+        }
         timings.decode_s += started.elapsed().as_secs_f64();
         for row in &mut running.rows {
             row.next_pos += 1;
@@ -471,6 +594,43 @@ impl OnnxModel {
         Ok(())
     }
 
+    /// Runs the shared-layout graph: each cache buffer is bound as its layer's past and
+    /// present, so the graph writes the new keys/values in place; keeps each row's logits
+    /// at its last real position.
+    fn forward_shared(
+        &self,
+        session: &mut Session,
+        running: &mut Running,
+        ids: Vec<i64>,
+        len: usize,
+        seqlens: Vec<i32>,
+        total: i32,
+    ) -> Result<(), ModelError> {
+        let m = running.rows.len();
+        let last: Vec<usize> = seqlens.iter().map(|&s| (s.max(0) as usize).min(len - 1)).collect();
+        let mut binding = session.create_binding()?;
+        binding.bind_input("input_ids", &Tensor::from_array((vec![m as i64, len as i64], ids))?)?;
+        binding.bind_input("seqlens_k", &Tensor::from_array((vec![m as i64], seqlens))?)?;
+        binding
+            .bind_input("total_sequence_length", &Tensor::from_array((Vec::<i64>::new(), vec![total]))?)?;
+        for (i, value) in running.past.iter_mut().enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            binding.bind_input(format!("past_key_values.{}.{kind}", i / 2), &*value)?;
+            binding.bind_output(format!("present.{}.{kind}", i / 2), &mut *value)?;
+        }
+        binding.bind_output_to_device("logits", &host_memory()?)?;
+        let outputs = session.run_binding(&binding)?;
+        let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+        let (seq, vocab) = (shape[1] as usize, shape[2] as usize);
+        running.vocab = vocab;
+        running.logits.clear();
+        for (r, &pos) in last.iter().enumerate() {
+            let start = (r * seq + pos.min(seq - 1)) * vocab;
+            running.logits.extend_from_slice(&logits[start..start + vocab]);
+        }
+        Ok(())
+    }
+
     /// Samples every row's next token; rows that finish leave the batch (their cache rows
     /// are dropped) and are returned.
     fn sample(
@@ -494,7 +654,9 @@ impl OnnxModel {
                 Some(Finish::Eos)
             } else if stop(row) {
                 Some(Finish::Stop)
-            } else if row.tokens.len() >= row.params.max_new_tokens {
+            } else if row.tokens.len() >= row.params.max_new_tokens
+                || (self.layout == Layout::Shared && row.next_pos as usize >= running.capacity)
+            {
                 Some(Finish::Length)
             } else {
                 None
@@ -505,25 +667,24 @@ impl OnnxModel {
         }
         let mut done = Vec::new();
         if keep.len() < running.rows.len() {
-            running.past =
-                running.past.iter().map(|v| self.select_rows(v, &keep)).collect::<Result<_, _>>()?;
+            running.past = self.select_rows(&running.past, &keep, running.capacity)?;
             let rows = std::mem::take(&mut running.rows);
-            let masks = std::mem::take(&mut running.masks);
-            for (slot, (row, mask)) in rows.into_iter().zip(masks).enumerate() {
-                if keep.contains(&slot) {
-                    running.rows.push(row);
-                    running.masks.push(mask);
-                } else {
-                    done.push(row);
-                }
+            for (slot, row) in rows.into_iter().enumerate() {
+                if keep.contains(&slot) { running.rows.push(row) } else { done.push(row) }
+            }
+            if self.layout == Layout::Optimum {
+                let masks = std::mem::take(&mut running.masks);
+                running.masks = keep.iter().map(|&k| masks[k].clone()).collect();
             }
         }
         timings.sampling_s += started.elapsed().as_secs_f64();
         Ok(done)
     }
 
-    /// Joins two running batches: the shorter cache is left-padded (masked out) to the
-    /// longer one's length, then the rows are stacked.
+    /// Joins two running batches. Optimum layout: the shorter cache is left-padded
+    /// (masked out) to the longer one's length. Shared layout: the smaller buffers are
+    /// widened to the larger capacity (the rows keep their lengths). Then the rows are
+    /// stacked.
     fn merge(&self, a: Running, b: Running) -> Result<Running, ModelError> {
         if a.rows.is_empty() {
             return Ok(b);
@@ -531,7 +692,10 @@ impl OnnxModel {
         if b.rows.is_empty() {
             return Ok(a);
         }
-        let (la, lb) = (a.masks[0].len(), b.masks[0].len());
+        let (la, lb) = match self.layout {
+            Layout::Optimum => (a.masks[0].len(), b.masks[0].len()),
+            Layout::Shared => (a.capacity, b.capacity),
+        };
         let len = la.max(lb);
         let mut past = Vec::with_capacity(a.past.len());
         for (x, y) in a.past.iter().zip(&b.past) {
@@ -548,10 +712,12 @@ impl OnnxModel {
         logits.extend(b.logits);
         let mut rows = a.rows;
         rows.extend(b.rows);
-        Ok(Running { rows, masks, past, logits, vocab: a.vocab.max(b.vocab) })
+        Ok(Running { rows, masks, past, logits, vocab: a.vocab.max(b.vocab), capacity: len })
     }
 
-    /// `[ra, h, la, d]` and `[rb, h, lb, d]` → `[ra + rb, h, len, d]`, zeros on the left.
+    /// `[ra, h, la, d]` and `[rb, h, lb, d]` → `[ra + rb, h, len, d]`, the new positions
+    /// zero: on the left in the Optimum layout (positions are aligned at the end), on
+    /// the right in the shared one (each row starts at position 0).
     fn stack_padded(
         &self,
         x: &DynValue,
@@ -561,6 +727,7 @@ impl OnnxModel {
         len: usize,
     ) -> Result<DynValue, ModelError> {
         fn go<T: Copy + Default + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static>(
+            model: &OnnxModel,
             x: &DynValue,
             la: usize,
             y: &DynValue,
@@ -573,18 +740,25 @@ impl OnnxModel {
             let (sy, dy) = y.try_extract_tensor::<T>()?;
             let (heads, d) = (sx[1] as usize, sx[3] as usize);
             let rows = (sx[0] + sy[0]) as usize;
+            let left = model.layout == Layout::Optimum;
             let mut out = Vec::with_capacity(rows * heads * len * d);
             for (data, l, n) in [(dx, la, sx[0] as usize), (dy, lb, sy[0] as usize)] {
                 for block in 0..n * heads {
-                    out.extend(std::iter::repeat_n(T::default(), (len - l) * d));
-                    out.extend_from_slice(&data[block * l * d..(block + 1) * l * d]);
+                    let pad = std::iter::repeat_n(T::default(), (len - l) * d);
+                    if left {
+                        out.extend(pad);
+                        out.extend_from_slice(&data[block * l * d..(block + 1) * l * d]);
+                    } else {
+                        out.extend_from_slice(&data[block * l * d..(block + 1) * l * d]);
+                        out.extend(pad);
+                    }
                 }
             }
-            Ok(Tensor::from_array((vec![rows as i64, heads as i64, len as i64, d as i64], out))?.into_dyn())
+            model.cache_value(vec![rows as i64, heads as i64, len as i64, d as i64], out, len)
         }
         match self.kv {
-            KvType::F32 => go::<f32>(x, la, y, lb, len),
-            KvType::F16 => go::<f16>(x, la, y, lb, len),
+            KvType::F32 => go::<f32>(self, x, la, y, lb, len),
+            KvType::F16 => go::<f16>(self, x, la, y, lb, len),
         }
     }
 
@@ -756,8 +930,9 @@ impl Row {
     }
 }
 
-/// A batch in the middle of generation: its rows, their attention masks (all the same
-/// length, the cache's), the cache, and the last step's logits per row.
+/// A batch in the middle of generation: its rows, their attention masks (Optimum
+/// layout: all the same length, the cache's), the cache, the last step's logits per row,
+/// and (shared layout) the positions each cache buffer holds.
 #[derive(Default)]
 struct Running {
     rows: Vec<Row>,
@@ -765,4 +940,5 @@ struct Running {
     past: Vec<DynValue>,
     logits: Vec<f32>,
     vocab: usize,
+    capacity: usize,
 }

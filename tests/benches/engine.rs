@@ -1,5 +1,7 @@
 //! `make bench` (engine part): generation tokens/s of the consumer's ONNX Runtime engine
-//! at batch 1, 8 and 32, side by side in one run with the same weights generated
+//! at batch 1, 8 and 32 — with the cache in fixed buffers updated in place
+//! (`export-onnx --kv-cache shared`) and in Hugging Face Optimum's layout (past + new
+//! concatenated each step) — side by side in one run with the same weights generated
 //! (a) by ONNX Runtime without a KV cache (the whole sequence recomputed per token) and
 //! (b) by the trainer's tch generation — one CPU thread each, greedy, 200-token prompts,
 //! 128 new tokens, a ~5M-parameter Qwen2 (hidden 256, 4 layers, vocab 4096). Also where
@@ -148,12 +150,21 @@ fn main() {
     };
     let model_dir = work.join("model");
     let config = init(&corpus_path, &shape, 0, &model_dir, true).unwrap();
-    let onnx_dir = work.join("onnx");
     // Served as the consumer would be: logits for the last position only.
-    let options =
-        export::ExportOptions { dtype: export_dtype, logits: export::Logits::Last, ..Default::default() };
-    export::export(&model_dir, &onnx_dir, &options).unwrap();
-    without_eos(&onnx_dir);
+    let exported = |layout: export::KvLayout, name: &str| {
+        let dir = work.join(name);
+        let options = export::ExportOptions {
+            dtype: export_dtype,
+            logits: export::Logits::Last,
+            kv_layout: layout,
+            ..Default::default()
+        };
+        export::export(&model_dir, &dir, &options).unwrap();
+        without_eos(&dir);
+        dir
+    };
+    let onnx_dir = exported(export::KvLayout::Optimum, "onnx");
+    let shared_dir = exported(export::KvLayout::Shared, "onnx-shared");
     let vocab = config.vocab_size as u64;
     let loaded = model_dir::load(&model_dir, tch_device, dtype).unwrap();
     let params: i64 = loaded.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
@@ -161,14 +172,21 @@ fn main() {
 
     let runtime = onnx_runtime::init(None).unwrap();
     let model = OnnxModel::load(runtime, &onnx_dir, device, 1).unwrap();
+    let shared = OnnxModel::load(runtime, &shared_dir, device, 1).unwrap();
     assert_eq!(model.provider, if cuda { "cuda" } else { "cpu" });
+    assert_eq!(shared.provider, model.provider);
     let mut rows = Vec::new();
     for batch in [1usize, 8, 32] {
         let ps = prompts(batch, vocab);
         let greedy = vec![SamplingParams::greedy(NEW); batch];
-        let t = Instant::now();
-        let (outs, timings) = model.generate(&ps, &greedy, &vec![0; batch], |_, _| false).unwrap();
-        let ort_s = t.elapsed().as_secs_f64();
+        let run = |m: &OnnxModel| {
+            let t = Instant::now();
+            let (outs, timings) = m.generate(&ps, &greedy, &vec![0; batch], |_, _| false).unwrap();
+            (outs, timings, t.elapsed().as_secs_f64())
+        };
+        let (shared_outs, shared_timings, shared_s) = run(&shared);
+        let shared_tokens: usize = shared_outs.iter().map(|o| o.tokens.len()).sum();
+        let (outs, timings, ort_s) = run(&model);
         let ort_tokens: usize = outs.iter().map(|o| o.tokens.len()).sum();
 
         let ids: Vec<Vec<i64>> = ps.iter().map(|p| p.iter().map(|&t| i64::from(t)).collect()).collect();
@@ -177,18 +195,26 @@ fn main() {
             generate::generate(&loaded.model, &ids, &TchParams::greedy(NEW), &[], |_, _| false, tch_device);
         let tch_s = t.elapsed().as_secs_f64();
         let tch_tokens: usize = tch_out.iter().map(|g| g.tokens.len()).sum();
-        let same = outs
-            .iter()
-            .zip(&tch_out)
-            .all(|(o, g)| o.tokens.iter().map(|&t| i64::from(t)).eq(g.tokens.iter().copied()));
-
+        let same_as_tch = |outs: &[alignx_consumer::onnx_model::Output]| {
+            outs.iter()
+                .zip(&tch_out)
+                .all(|(o, g)| o.tokens.iter().map(|&t| i64::from(t)).eq(g.tokens.iter().copied()))
+        };
+        let phases = |tokens: usize, s: f64, t: &alignx_consumer::onnx_model::Timings| {
+            json!({ "tokens": tokens, "seconds": s, "tokens_per_second": tokens as f64 / s,
+                "prefill_seconds": t.prefill_s, "decode_seconds": t.decode_s, "sampling_seconds": t.sampling_s })
+        };
+        let (shared_tps, ort_tps, tch_tps) =
+            (shared_tokens as f64 / shared_s, ort_tokens as f64 / ort_s, tch_tokens as f64 / tch_s);
         let row = json!({
             "batch": batch,
-            "onnx_kv_cache": { "tokens": ort_tokens, "seconds": ort_s, "tokens_per_second": ort_tokens as f64 / ort_s,
-                "prefill_seconds": timings.prefill_s, "decode_seconds": timings.decode_s, "sampling_seconds": timings.sampling_s },
-            "tch": { "tokens": tch_tokens, "seconds": tch_s, "tokens_per_second": tch_tokens as f64 / tch_s },
-            "onnx_vs_tch": (ort_tokens as f64 / ort_s) / (tch_tokens as f64 / tch_s),
-            "greedy_tokens_identical": same,
+            "onnx_shared_kv_cache": phases(shared_tokens, shared_s, &shared_timings),
+            "onnx_kv_cache": phases(ort_tokens, ort_s, &timings),
+            "tch": { "tokens": tch_tokens, "seconds": tch_s, "tokens_per_second": tch_tps },
+            "shared_vs_optimum_layout": shared_tps / ort_tps,
+            "shared_vs_tch": shared_tps / tch_tps,
+            "onnx_vs_tch": ort_tps / tch_tps,
+            "greedy_tokens_identical": same_as_tch(&outs) && same_as_tch(&shared_outs),
         });
         eprintln!("{row}");
         rows.push(row);
@@ -208,7 +234,7 @@ fn main() {
         let t = Instant::now();
         let n = no_cache(&mut session, 4, 2, 64, p);
         let seconds = t.elapsed().as_secs_f64();
-        let batch1 = rows[0]["onnx_kv_cache"]["tokens_per_second"].as_f64().unwrap();
+        let batch1 = rows[0]["onnx_shared_kv_cache"]["tokens_per_second"].as_f64().unwrap();
         json!({ "tokens_per_second": n as f64 / seconds, "seconds": seconds,
                 "kv_cache_speedup": batch1 / (n as f64 / seconds) })
     };

@@ -14,7 +14,7 @@ use alignx_consumer::sampler::SamplingParams;
 use alignx_trainer::generate::{self, SamplingParams as TchParams};
 use alignx_trainer::init::{Preset, init};
 use alignx_trainer::model_dir::{self, Dtype};
-use alignx_trainer::onnx::export::{self, ExportDtype};
+use alignx_trainer::onnx::export::{self, ExportDtype, KvLayout};
 use tch::Device;
 
 fn serve(device: DeviceChoice, max_new_tokens: usize) -> ServeOptions {
@@ -23,6 +23,10 @@ fn serve(device: DeviceChoice, max_new_tokens: usize) -> ServeOptions {
 
 /// A tiny random model (its tokenizer trained on a small corpus) and its ONNX export.
 fn tiny(dir: &Path, dtype: ExportDtype) -> (std::path::PathBuf, std::path::PathBuf) {
+    tiny_in(dir, dtype, KvLayout::Optimum)
+}
+
+fn tiny_in(dir: &Path, dtype: ExportDtype, kv_layout: KvLayout) -> (std::path::PathBuf, std::path::PathBuf) {
     let corpus = dir.join("corpus.txt");
     let text: String = (0..400)
         .map(|i| {
@@ -34,16 +38,30 @@ fn tiny(dir: &Path, dtype: ExportDtype) -> (std::path::PathBuf, std::path::PathB
     std::fs::write(&corpus, text).unwrap();
     let model = dir.join("model");
     init(&corpus, &Preset::Tiny.shape(), 3, &model, false).unwrap();
-    let onnx = dir.join(format!("onnx-{dtype:?}"));
-    export::export(&model, &onnx, &export::ExportOptions { dtype, ..Default::default() }).unwrap();
+    let onnx = match kv_layout {
+        KvLayout::Optimum => dir.join(format!("onnx-{dtype:?}")),
+        KvLayout::Shared => dir.join(format!("onnx-{dtype:?}-shared")),
+    };
+    export::export(&model, &onnx, &export::ExportOptions { dtype, kv_layout, ..Default::default() }).unwrap();
     (model, onnx)
 }
 
 #[test]
 fn greedy_generation_matches_the_trainer_token_for_token() {
+    greedy_generation_matches_the_trainer(KvLayout::Optimum);
+}
+
+/// The same with the cache in fixed buffers updated in place (`GroupQueryAttention`):
+/// right padding, per-row lengths, rows leaving the batch.
+#[test]
+fn greedy_generation_with_the_shared_cache_matches_the_trainer_token_for_token() {
+    greedy_generation_matches_the_trainer(KvLayout::Shared);
+}
+
+fn greedy_generation_matches_the_trainer(kv_layout: KvLayout) {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
-    let (model_dir, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    let (model_dir, onnx_dir) = tiny_in(dir.path(), ExportDtype::Fp32, kv_layout);
     let loaded = model_dir::load(&model_dir, Device::Cpu, Dtype::Fp32).unwrap();
     let runtime = onnx_runtime::init(None).unwrap();
     let onnx = OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1).unwrap();
@@ -84,7 +102,7 @@ fn greedy_generation_matches_the_trainer_token_for_token() {
     }
     // An export with logits for the last position only generates the same tokens.
     let last_dir = dir.path().join("onnx-last");
-    let options = export::ExportOptions { logits: export::Logits::Last, ..Default::default() };
+    let options = export::ExportOptions { logits: export::Logits::Last, kv_layout, ..Default::default() };
     export::export(&model_dir, &last_dir, &options).unwrap();
     let last = OnnxModel::load(runtime, &last_dir, DeviceChoice::Cpu, 1).unwrap();
     let params = vec![SamplingParams::greedy(max_new); prompts.len()];
@@ -108,8 +126,19 @@ fn greedy_generation_matches_the_trainer_token_for_token() {
 /// the rest wait their turn.
 #[test]
 fn continuous_batching_admits_requests_mid_generation_without_changing_them() {
+    continuous_batching_changes_no_request(KvLayout::Optimum);
+}
+
+/// The same with the shared cache: joining rows widen the buffers, each row keeps its
+/// own length.
+#[test]
+fn continuous_batching_with_the_shared_cache_changes_no_request() {
+    continuous_batching_changes_no_request(KvLayout::Shared);
+}
+
+fn continuous_batching_changes_no_request(kv_layout: KvLayout) {
     let dir = tempfile::tempdir().unwrap();
-    let (model_dir, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    let (model_dir, onnx_dir) = tiny_in(dir.path(), ExportDtype::Fp32, kv_layout);
     let loaded = model_dir::load(&model_dir, Device::Cpu, Dtype::Fp32).unwrap();
     let runtime = onnx_runtime::init(None).unwrap();
     let texts = [
@@ -157,8 +186,17 @@ fn continuous_batching_admits_requests_mid_generation_without_changing_them() {
 
 #[test]
 fn fp16_exports_generate_and_rows_finish_independently() {
+    fp16_generates(KvLayout::Optimum);
+}
+
+#[test]
+fn fp16_shared_cache_exports_generate_and_rows_finish_independently() {
+    fp16_generates(KvLayout::Shared);
+}
+
+fn fp16_generates(kv_layout: KvLayout) {
     let dir = tempfile::tempdir().unwrap();
-    let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp16);
+    let (_, onnx_dir) = tiny_in(dir.path(), ExportDtype::Fp16, kv_layout);
     let runtime = onnx_runtime::init(None).unwrap();
     let onnx = OnnxModel::load(runtime, &onnx_dir, DeviceChoice::Cpu, 1).unwrap();
     let prompts = vec![vec![5, 6, 7], vec![8, 9]];
@@ -238,9 +276,10 @@ fn a_model_dir_missing_pieces_is_refused_by_name() {
     assert!(err.to_string().contains("CUDA"), "--device cuda fails loudly: {err}");
 }
 
-/// `alignx-consumer run --engine onnx` end to end on a tiny random model: every signal is
-/// consumed (its windows applied or, as this untrained model writes no `<answer>`,
-/// given up after the retries), and the inference log holds the model's real generations.
+/// `alignx-consumer run --engine onnx` end to end on a tiny random model (exported with
+/// the shared cache, as the recipe ships its policy): every signal is consumed (its
+/// windows applied or, as this untrained model writes no `<answer>`, given up after the
+/// retries), and the inference log holds the model's real generations.
 #[test]
 fn the_pipeline_serves_an_exported_model() {
     use alignx_schemas::inference_log::InferenceLogRecord;
@@ -251,7 +290,7 @@ fn the_pipeline_serves_an_exported_model() {
     };
 
     let dir = tempfile::tempdir().unwrap();
-    let (_, onnx_dir) = tiny(dir.path(), ExportDtype::Fp32);
+    let (_, onnx_dir) = tiny_in(dir.path(), ExportDtype::Fp32, KvLayout::Shared);
     let broker = start_tansu().unwrap();
     let brokers = broker.addr().to_string();
     create_topics(&brokers, 2).unwrap();
@@ -319,7 +358,7 @@ fn the_pipeline_serves_an_exported_model() {
     assert!(!log.is_empty());
     for record in &log {
         let rec: InferenceLogRecord = serde_json::from_slice(&record.payload).unwrap();
-        assert_eq!(rec.model, "onnx-Fp32", "the model directory names the version");
+        assert_eq!(rec.model, "onnx-Fp32-shared", "the model directory names the version");
         assert!(rec.prompt.starts_with("<|begin_of_text|>A conversation between User and Assistant."));
         assert!(rec.prompt.ends_with("\nAssistant: <think>"));
         if rec.user_id == "verbose" {
@@ -336,7 +375,7 @@ fn the_pipeline_serves_an_exported_model() {
         assert!(!rec.generation.is_empty());
     }
     let (_, metrics) = http_get(consumer.metrics, "/metrics").unwrap();
-    assert!(metrics.contains(r#"alignx_model_info{model="onnx-Fp32",provider="cpu"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"alignx_model_info{model="onnx-Fp32-shared",provider="cpu"} 1"#), "{metrics}");
     let prefills = metrics
         .lines()
         .find(|l| l.starts_with(r#"alignx_engine_seconds_count{phase="prefill"}"#))

@@ -11,7 +11,7 @@ use alignx_trainer::generate::{self, SamplingParams};
 use alignx_trainer::init::{self, Preset};
 use alignx_trainer::lora::LoraConfig;
 use alignx_trainer::model_dir::{self, Dtype};
-use alignx_trainer::onnx::export::{self, ExportDtype, ExportOptions, Logits};
+use alignx_trainer::onnx::export::{self, ExportDtype, ExportOptions, KvLayout, Logits};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
 use alignx_trainer::recipe::{self, TinyRecipe};
 use alignx_trainer::sft::{self, SftConfig};
@@ -56,8 +56,8 @@ enum Command {
     /// Continue a prompt with a model directory and print the continuation. The prompt
     /// is encoded as-is (no chat template).
     Generate(GenerateArgs),
-    /// Export a model directory to ONNX in the HF Optimum decoder-with-past layout
-    /// (model.onnx + config/tokenizer/generation files), servable by alignx-consumer.
+    /// Export a model directory to ONNX (model.onnx + config/tokenizer/generation files),
+    /// servable by alignx-consumer: by default in the HF Optimum decoder-with-past layout.
     ExportOnnx {
         /// Model directory (HF layout; ours or one saved by transformers).
         #[arg(long)]
@@ -71,6 +71,11 @@ enum Command {
         /// last position only — all the consumer needs, and a faster prefill.
         #[arg(long, value_enum, default_value = "all")]
         logits: Logits,
+        /// `optimum`: past in, past + new out (any ONNX runtime serves it); `shared`:
+        /// ONNX Runtime's GroupQueryAttention updating fixed-capacity cache buffers in
+        /// place — faster decoding in alignx-consumer, which is the only server for it.
+        #[arg(long, value_enum, default_value = "optimum")]
+        kv_cache: KvLayout,
     },
     /// Fold a LoRA adapter into its base model, writing a plain model directory.
     MergeLora {
@@ -492,8 +497,9 @@ fn main() -> ExitCode {
         Command::Synth(args) => report(run_synth(args)),
         Command::Recipe { recipe: RecipeCommand::Tiny(args) } => report(run_recipe(args)),
         Command::Eval(args) => report(run_eval(args)),
-        Command::ExportOnnx { model, out, dtype, logits } => {
-            report(run_export(&model, &out, &ExportOptions { dtype, logits, force_external: false }))
+        Command::ExportOnnx { model, out, dtype, logits, kv_cache } => {
+            let options = ExportOptions { dtype, logits, kv_layout: kv_cache, force_external: false };
+            report(run_export(&model, &out, &options))
         }
         Command::MergeLora { model, adapter, out } => {
             report(model_dir::merge_lora(&model, &adapter, &out).map_err(anyhow::Error::from))

@@ -11,12 +11,12 @@ use tch::Device;
 
 use crate::eval::{self, EvalConfig, EvalReport, EvalSetting};
 use crate::init::{self, Shape};
-use crate::onnx::export::{self, ExportOptions, Logits};
+use crate::onnx::export::{self, ExportOptions, KvLayout, Logits};
 use crate::sft::{self, SftConfig, SftSummary};
 use crate::synth::{self, SynthConfig, SynthSummary};
 
 /// Bump when the recipe's code changes what it builds: old caches are then ignored.
-pub const RECIPE_VERSION: &str = "tiny-1";
+pub const RECIPE_VERSION: &str = "tiny-2";
 
 /// The recipe's knobs (all part of the cache key).
 #[derive(Debug, Clone, Serialize)]
@@ -257,7 +257,8 @@ fn build(recipe: &TinyRecipe, dir: &Path, progress: bool) -> Result<RecipeReport
 
     say("policy: ONNX export");
     let t = Instant::now();
-    let options = ExportOptions { logits: Logits::Last, ..Default::default() };
+    // Served by our consumer only: the in-place cache layout, logits for the last position.
+    let options = ExportOptions { logits: Logits::Last, kv_layout: KvLayout::Shared, ..Default::default() };
     export::export(&policy_dir, &dir.join("policy-onnx"), &options)
         .map_err(|e| RecipeError::Export(e.to_string()))?;
     stage("export", t);
