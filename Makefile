@@ -6,7 +6,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build test demo bench check fmt hf-parity
+.PHONY: setup build test demo bench fuzz check fmt hf-parity
 
 setup:
 	@scripts/setup
@@ -30,6 +30,11 @@ bench: setup
 	$(ENV) cargo bench -p alignx-tests --bench engine -- $(CURDIR)/target/bench/engine.json
 	$(ENV) cargo build --release -p alignx-consumer --bin alignx-consumer
 	$(ENV) cargo bench -p alignx-tests --bench pipeline -- $(CURDIR)/target/bench/pipeline.json
+
+## Fuzz the signal gate and the prompt/answer protocol (RUNS executions per target,
+## default 1,000,000; not part of `make test`, which replays the kept corpus).
+fuzz:
+	scripts/fuzz
 
 ## Qwen2 logits and greedy decoding against Hugging Face transformers, both ways
 ## (installs a Python oracle once; not part of `make test`).

@@ -55,7 +55,16 @@ pub fn parse_answer(generation: &str, max_chars: usize) -> Result<Answer, Answer
     let body_start = open + OPEN.len();
     let close = body_start + generation[body_start..].find(CLOSE).ok_or(AnswerFailure::Truncated)?;
     let inner = &generation[body_start..close];
-    let cleaned = inner.replace(PLACEHOLDER, "");
+    // Removing the placeholder can splice a tag together ("<answer" + "answer here" +
+    // ">"): strip what that forms until nothing changes, so no tag ever survives.
+    let mut cleaned = inner.replace(PLACEHOLDER, "");
+    loop {
+        let next = cleaned.replace(PLACEHOLDER, "").replace(OPEN, "").replace(CLOSE, "");
+        if next == cleaned {
+            break;
+        }
+        cleaned = next;
+    }
     let summary: String = cleaned.trim().chars().take(max_chars).collect();
     let summary = summary.trim_end().to_owned();
     if summary.is_empty() {
@@ -72,6 +81,13 @@ mod tests {
 
     fn summary(g: &str) -> Result<String, AnswerFailure> {
         parse_answer(g, 2048).map(|a| a.summary)
+    }
+
+    /// Found by the `prompt_and_answer` fuzz target.
+    #[test]
+    fn removing_the_placeholder_never_splices_a_tag_into_the_summary() {
+        assert_eq!(summary("<answer>x <answeranswer here> y</answer>"), Ok("x  y".into()));
+        assert_eq!(summary("<answer>a </answanswer hereer> b</answer>"), Ok("a  b".into()));
     }
 
     #[test]

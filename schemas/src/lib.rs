@@ -20,6 +20,7 @@
 pub mod answer;
 pub mod check;
 pub mod defaults;
+pub mod fuzz;
 pub mod inference_log;
 pub mod keys;
 pub mod problem;
