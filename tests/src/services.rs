@@ -1,7 +1,7 @@
 //! Real services for tests: each runs as a child process on a free 127.0.0.1 port,
 //! in its own temporary directory, and is killed when its handle drops (also when a
 //! test panics). Binaries come from `scripts/setup`: Redis from the system, tansu from
-//! `ALIGNX_TANSU` (set by `scripts/env.sh`).
+//! `ALIGNX_TANSU`, moto's S3 server from `ALIGNX_MOTO` (both set by `scripts/env.sh`).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ pub struct Service {
     name: &'static str,
     program: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
@@ -46,8 +47,7 @@ impl Service {
     /// again with the same arguments, port and directory.
     pub fn restart(&mut self, graceful: bool) -> anyhow::Result<()> {
         self.stop(graceful);
-        self.child = launch(self.name, &self.program, &self.args, self.dir.path())?;
-        wait_until_listening(self, Duration::from_secs(20))
+        self.start_again()
     }
 
     /// Stops the process; [`Self::start_again`] brings it back.
@@ -63,7 +63,7 @@ impl Service {
 
     /// Starts a stopped service again with the same arguments, port and directory.
     pub fn start_again(&mut self) -> anyhow::Result<()> {
-        self.child = launch(self.name, &self.program, &self.args, self.dir.path())?;
+        self.child = launch(self.name, &self.program, &self.args, &self.env, self.dir.path())?;
         wait_until_listening(self, Duration::from_secs(20))
     }
 
@@ -87,10 +87,17 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn launch(name: &str, program: &Path, args: &[String], dir: &Path) -> anyhow::Result<Child> {
+fn launch(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    dir: &Path,
+) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(Service::log_path(dir))?;
     Command::new(program)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -106,8 +113,27 @@ fn spawn(
     port: u16,
     dir: tempfile::TempDir,
 ) -> anyhow::Result<Service> {
-    let child = launch(name, program, args, dir.path())?;
-    let mut service = Service { name, program: program.to_owned(), args: args.to_vec(), child, port, dir };
+    spawn_with_env(name, program, args, &[], port, dir)
+}
+
+fn spawn_with_env(
+    name: &'static str,
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    port: u16,
+    dir: tempfile::TempDir,
+) -> anyhow::Result<Service> {
+    let child = launch(name, program, args, env, dir.path())?;
+    let mut service = Service {
+        name,
+        program: program.to_owned(),
+        args: args.to_vec(),
+        env: env.to_vec(),
+        child,
+        port,
+        dir,
+    };
     wait_until_listening(&mut service, Duration::from_secs(20))?;
     Ok(service)
 }
@@ -170,24 +196,57 @@ pub fn start_redis_persistent() -> anyhow::Result<Service> {
 
 /// The tansu broker with in-memory storage.
 pub fn start_tansu() -> anyhow::Result<Service> {
+    start_tansu_on(free_port()?, "memory://tansu/", &[])
+}
+
+/// The tansu broker storing its topics and offsets in a bucket of moto's S3 server, so
+/// they survive a broker restart.
+pub fn start_tansu_s3(s3: &Service) -> anyhow::Result<Service> {
+    start_tansu_s3_on(s3, free_port()?)
+}
+
+/// [`start_tansu_s3`] on a given port (e.g. one a consumer is already trying).
+pub fn start_tansu_s3_on(s3: &Service, port: u16) -> anyhow::Result<Service> {
+    let bucket = "tansu";
+    let (status, body) = http_request(s3.addr(), "PUT", &format!("/{bucket}"))?;
+    anyhow::ensure!(status == 200, "create bucket {bucket}: HTTP {status} {body}");
+    let env: Vec<(String, String)> = [
+        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+        ("AWS_DEFAULT_REGION", "us-east-1".to_owned()),
+        ("AWS_ENDPOINT", format!("http://{}", s3.addr())),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    start_tansu_on(port, &format!("s3://{bucket}/"), &env)
+}
+
+fn start_tansu_on(port: u16, storage: &str, env: &[(String, String)]) -> anyhow::Result<Service> {
     let program = std::env::var_os("ALIGNX_TANSU")
         .map(PathBuf::from)
         .context("ALIGNX_TANSU is not set: run tests through `make test` or `source scripts/env.sh`")?;
-    let port = free_port()?;
     let url = format!("tcp://127.0.0.1:{port}");
-    let args: Vec<String> = [
-        "broker",
-        "--listener-url",
-        &url,
-        "--advertised-listener-url",
-        &url,
-        "--storage-engine",
-        "memory://tansu/",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    spawn("tansu", &program, &args, port, tempfile::tempdir()?)
+    let args: Vec<String> =
+        ["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    spawn_with_env("tansu", &program, &args, env, port, tempfile::tempdir()?)
+}
+
+/// moto's S3 server (in memory; it outlives the brokers that store in it).
+pub fn start_moto() -> anyhow::Result<Service> {
+    let packages = std::env::var("ALIGNX_MOTO")
+        .context("ALIGNX_MOTO is not set: run tests through `make test` or `source scripts/env.sh`")?;
+    let port = free_port()?;
+    let args: Vec<String> = ["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let env = vec![("PYTHONPATH".to_owned(), packages)];
+    spawn_with_env("moto", Path::new("python3"), &args, &env, port, tempfile::tempdir()?)
 }
 
 /// Prometheus scraping `target` (host:port) every second, with its own storage.
@@ -217,10 +276,15 @@ pub fn start_prometheus(target: SocketAddr) -> anyhow::Result<Service> {
 
 /// `GET path` over plain HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+/// `METHOD path` with no body over plain HTTP/1.1; returns (status, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
