@@ -6,7 +6,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build test demo bench fuzz check fmt hf-parity
+.PHONY: setup build test demo bench fuzz soak check fmt hf-parity
 
 setup:
 	@scripts/setup
@@ -35,6 +35,12 @@ bench: setup
 ## default 1,000,000; not part of `make test`, which replays the kept corpus).
 fuzz:
 	scripts/fuzz
+
+## A bounded soak with faults (kill -9 of consumer, Redis or broker on a schedule), ending
+## with the exactly-once audit and a memory bound; JSON in target/bench/soak.json.
+DURATION ?= 10m
+soak: build
+	$(ENV) target/debug/alignx-soak --duration $(DURATION) $(ARGS)
 
 ## Qwen2 logits and greedy decoding against Hugging Face transformers, both ways
 ## (installs a Python oracle once; not part of `make test`).

@@ -138,29 +138,44 @@ pub struct Record {
 }
 
 /// Every message of a topic (all partitions, from the start), read until none has come
-/// for a second. (tansu's high watermarks are unreliable after batched produce — DESIGN.md
-/// §8 — so they cannot say where a topic ends.)
+/// for a second — counted only once every partition that holds messages has delivered
+/// one, since a broker's first fetch can be slow (tansu reading S3 after a restart).
+/// (tansu's high watermarks are unreliable after batched produce — DESIGN.md §8 — so
+/// they cannot say exactly where a topic ends, only whether it holds anything.)
 pub fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
     // `assign` needs a group id; this reader never joins the group or commits.
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "alignx-test-reader")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
+        // Not lower: tansu answers a fetch its storage has not served within this time
+        // with nothing (S3 storage is slower than memory), and would never be read.
+        .set("fetch.wait.max.ms", "500")
+        // An offset the broker cannot serve is an error here, not a silent jump to the end.
+        .set("auto.offset.reset", "error")
         .create()?;
     let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
+    let mut silent = HashSet::new();
     for p in meta.topics()[0].partitions() {
         tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+        if high > low {
+            silent.insert(p.id());
+        }
     }
     consumer.assign(&tpl)?;
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = Instant::now();
-    while last.elapsed() < Duration::from_secs(1) {
-        ensure!(Instant::now() < deadline, "timed out reading {topic}");
+    while !silent.is_empty() || last.elapsed() < Duration::from_secs(1) {
+        ensure!(
+            Instant::now() < deadline,
+            "timed out reading {topic} (no message yet from partitions {silent:?})"
+        );
         let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
         let m = m?;
+        silent.remove(&m.partition());
         let headers = m
             .headers()
             .map(|h| {
