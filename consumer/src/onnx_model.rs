@@ -285,8 +285,14 @@ impl OnnxModel {
         device: DeviceChoice,
         threads: usize,
     ) -> Result<(Session, &'static str), ModelError> {
+        // `ALIGNX_ORT_PROFILE=PREFIX`: ONNX Runtime writes a per-node timing profile
+        // (Chrome trace JSON, PREFIX_<time>.json) when the session ends.
+        let profiled = |b: ort::session::builder::SessionBuilder| match std::env::var_os("ALIGNX_ORT_PROFILE") {
+            Some(p) => b.with_profiling(p),
+            None => Ok(b),
+        };
         let cpu = || -> Result<Session, ModelError> {
-            let mut b = runtime.session_builder()?;
+            let mut b = profiled(runtime.session_builder()?)?;
             if threads > 0 {
                 b = b.with_intra_threads(threads)?;
             }
@@ -297,8 +303,7 @@ impl OnnxModel {
         }
         let cuda = || -> Result<Session, ModelError> {
             let ep = ort::ep::CUDA::default().build().error_on_failure();
-            let mut b = runtime
-                .session_builder()?
+            let mut b = profiled(runtime.session_builder()?)?
                 .with_execution_providers([ep])
                 .map_err(|e| ModelError::NoCuda(e.to_string()))?;
             Ok(b.commit_from_file(path)?)
