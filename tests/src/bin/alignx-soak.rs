@@ -3,10 +3,11 @@
 //!
 //! Runs moto's S3 server, tansu storing in it (topics and offsets survive a broker
 //! restart), Redis with an append-only file synced on every write (data survives a
-//! kill -9), and `alignx-consumer run` with the counting engine. moto is a Python server
-//! whose listings slow down as its bucket grows, so it bounds the rate the broker can
-//! serve the consumer (tens of signals/s over ten minutes); `--broker memory` keeps
-//! tansu in memory instead — no broker faults then, at the consumer's own pace. A steady stream (about
+//! kill -9), and `alignx-consumer run` with the counting engine. By default tansu keeps
+//! its data in memory and faults strike the consumer and Redis; `--broker s3` stores it
+//! in moto's S3 server and restarts the broker too — but moto, a Python server whose work
+//! grows with its bucket, then bounds the whole pipeline (about 10 signals/s after ten
+//! minutes of faults here), so keep such runs short and slow. A steady stream (about
 //! `--rate` signals/s over `--users` users, ~2% invalid) is produced in acknowledged
 //! chunks; every `--fault-every` one fault strikes: the consumer killed (-9) and
 //! restarted, Redis killed (-9) and restarted, or the broker killed (-9) and restarted
@@ -36,15 +37,16 @@ struct Args {
     /// How long to produce and inject faults (e.g. 90s, 10m, 1h).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     duration: Duration,
-    /// Signals per second, about (the default suits `--broker s3`; the S3-backed broker
-    /// falls behind at 100/s within minutes).
-    #[arg(long, default_value_t = 25)]
+    /// Signals per second, about.
+    #[arg(long, default_value_t = 500)]
     rate: usize,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 200)]
     users: usize,
-    /// `s3`: tansu storing in moto's S3 server, restarted among the faults; `memory`:
-    /// tansu in memory, never restarted (consumer and Redis faults only).
-    #[arg(long, value_enum, default_value = "s3")]
+    /// `memory`: tansu in memory, never restarted (consumer and Redis faults); `s3`:
+    /// tansu storing in moto's S3 server, restarted among the faults — moto bounds what
+    /// the broker serves (use `--rate 25` and a few minutes; `tests/broker.rs` is the
+    /// broker-restart test).
+    #[arg(long, value_enum, default_value = "memory")]
     broker: Storage,
     /// The consumer's --window-wait: longer windows, fewer updates (and fewer log records
     /// for the audit to read back from the S3-backed broker, which serves ~100 batches/s).
