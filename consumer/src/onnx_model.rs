@@ -287,10 +287,11 @@ impl OnnxModel {
     ) -> Result<(Session, &'static str), ModelError> {
         // `ALIGNX_ORT_PROFILE=PREFIX`: ONNX Runtime writes a per-node timing profile
         // (Chrome trace JSON, PREFIX_<time>.json) when the session ends.
-        let profiled = |b: ort::session::builder::SessionBuilder| match std::env::var_os("ALIGNX_ORT_PROFILE")
-        {
-            Some(p) => b.with_profiling(p),
-            None => Ok(b),
+        let profiled = |b: ort::session::builder::SessionBuilder| -> Result<_, ModelError> {
+            Ok(match std::env::var_os("ALIGNX_ORT_PROFILE") {
+                Some(p) => b.with_profiling(p)?,
+                None => b,
+            })
         };
         let cpu = || -> Result<Session, ModelError> {
             let mut b = profiled(runtime.session_builder()?)?;

@@ -283,6 +283,21 @@ impl Templates {
         out
     }
 
+    /// A streaming problem text written without a past summary (`"{no_past}"` in its
+    /// past-preferences slot, as `streaming_rl_train` records hold them) with `past`
+    /// put in that slot instead; `None` when the text has no such slot. This is how
+    /// streaming RL feeds the summary sampled for one step into the next step's prompt.
+    pub fn with_past(&self, problem: &str, past: &str) -> Option<String> {
+        let mut empty = String::new();
+        fill(&self.streaming_header, &[("past", &self.no_past)], &mut empty);
+        let rest = problem.strip_prefix(&empty)?;
+        let mut out = String::new();
+        let past = if past.trim().is_empty() { &self.no_past } else { past };
+        fill(&self.streaming_header, &[("past", past)], &mut out);
+        out.push_str(rest);
+        Some(out)
+    }
+
     /// Wraps a problem text into the full prompt. `bos` is the tokenizer's BOS text, or "".
     pub fn wrap(&self, bos: &str, problem: &str) -> String {
         let mut out = String::with_capacity(self.prefix.len() + problem.len() + self.suffix.len());
@@ -397,6 +412,10 @@ mod tests {
         assert_eq!(none, blank);
         let some = t.problem(Setting::Streaming { past: Some("Likes puns.") }, &ev);
         assert!(some.contains("**Past Preferences:**\n\nLikes puns.\n\n"));
+        // Streaming RL puts a sampled summary into a step written without one.
+        assert_eq!(t.with_past(&none, "Likes puns.").as_deref(), Some(some.as_str()));
+        assert_eq!(t.with_past(&none, " ").as_deref(), Some(none.as_str()));
+        assert_eq!(t.with_past(&t.problem(Setting::Base, &ev), "Likes puns."), None);
     }
 
     #[test]

@@ -167,6 +167,10 @@ pub struct EvalRecord {
 pub trait TrainingRecord: Sized {
     /// The format's name, for messages.
     const NAME: &'static str;
+    /// Whether one record is itself a JSON array (of objects), as `rl_train` and
+    /// `streaming_rl_train` records are: a one-line JSON Lines file of them then looks
+    /// like a whole-file array, and is told apart by its items being objects.
+    const IS_ARRAY: bool = false;
     /// Checks `value` (at `path`), reporting every problem; builds the record if clean.
     fn check(c: &mut Checker, value: &Value, path: &str) -> Option<Self>;
 }
@@ -219,6 +223,7 @@ fn check_comparison(c: &mut Checker, obj: &Map<String, Value>, path: &str) -> Op
 
 impl TrainingRecord for RlRecord {
     const NAME: &'static str = "rl_train";
+    const IS_ARRAY: bool = true;
     fn check(c: &mut Checker, value: &Value, path: &str) -> Option<Self> {
         let turns = c.array(value, path)?;
         if turns.len() != 2 {
@@ -249,6 +254,7 @@ impl TrainingRecord for RlRecord {
 
 impl TrainingRecord for StreamingRlRecord {
     const NAME: &'static str = "streaming_rl_train";
+    const IS_ARRAY: bool = true;
     fn check(c: &mut Checker, value: &Value, path: &str) -> Option<Self> {
         let entries = c.array(value, path)?;
         if entries.is_empty() {
@@ -312,11 +318,10 @@ impl TrainingRecord for EvalRecord {
 /// `$[i]…` for arrays and `line N: $…` for JSON Lines.
 pub fn read_records<T: TrainingRecord>(text: &str) -> Result<Vec<T>, Problems> {
     let trimmed = text.trim_start();
-    // A whole-file JSON array whose items are records. An `rl_train` record is itself an
-    // array of objects, so a one-line JSONL `rl_train` file is told apart by its items.
+    // A whole-file JSON array whose items are records (see `IS_ARRAY`).
     if trimmed.starts_with('[')
         && let Ok(Value::Array(items)) = serde_json::from_str::<Value>(text)
-        && !(T::NAME == RlRecord::NAME && items.first().is_some_and(Value::is_object))
+        && !(T::IS_ARRAY && items.first().is_some_and(Value::is_object))
     {
         let mut c = Checker::new();
         // Check every record (not `collect::<Option<_>>`, which stops at the first bad one).
@@ -382,5 +387,13 @@ mod tests {
         assert_eq!(got[0], "line 3: $");
         assert!(got.iter().any(|p| p == "line 4: $"), "{got:?}");
         assert_eq!(read_records::<RlRecord>(&good).unwrap()[0].ground_truth, Choice::A);
+    }
+
+    #[test]
+    fn a_one_line_jsonl_of_array_records_is_one_record() {
+        let line = format!("[{{\"history\":[{STEP},{STEP}]}}, {{\"history\":[{STEP}]}}]\n");
+        let one = read_records::<StreamingRlRecord>(&line).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].0.len(), 2);
     }
 }

@@ -112,6 +112,13 @@ fn score(
     Ok(Score { acc_jud: acc / n, soft: soft / n })
 }
 
+/// Whether the generation `tokens` has just closed its answer (`</answer>` in the
+/// last few tokens): where summary generation stops.
+pub fn answer_closed(tok: &tokenizers::Tokenizer, tokens: &[i64]) -> bool {
+    let tail: Vec<u32> = tokens[tokens.len().saturating_sub(6)..].iter().map(|&i| i as u32).collect();
+    tok.decode(&tail, false).is_ok_and(|s| s.contains("</answer>"))
+}
+
 /// Greedy summaries for a batch of prompts (`None` where no `<answer>` was produced).
 pub fn summarise(
     policy: &LoadedModel,
@@ -128,10 +135,7 @@ pub fn summarise(
             .map(|p| crate::tokenizer::encode_ids(tok, p).map_err(|e| EvalError::Tokenizer(e.to_string())))
             .collect::<Result<_, _>>()?;
         let decode = |t: &[i64]| tok.decode(&t.iter().map(|&i| i as u32).collect::<Vec<_>>(), false);
-        let stop = |_: usize, t: &[i64]| {
-            let tail = &t[t.len().saturating_sub(6)..];
-            decode(tail).is_ok_and(|s| s.contains("</answer>"))
-        };
+        let stop = |_: usize, t: &[i64]| answer_closed(tok, t);
         let params = SamplingParams::greedy(max_new_tokens);
         for g in generate::generate(&policy.model, &ids, &params, &policy.eos, stop, device) {
             let text = decode(&g.tokens).map_err(|e| EvalError::Tokenizer(e.to_string()))?;

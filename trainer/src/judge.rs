@@ -18,8 +18,16 @@ use crate::model_dir::{self, Dtype, LoadError, LoadedModel};
 use crate::qwen2::KvCache;
 use crate::tokenizer::encode_ids;
 
-/// System message of the judge's auxiliary training task (naming each response's style).
-pub const READ_STYLES_SYSTEM: &str = "Name the style of each response.";
+// How a tiny judge learns (`alignx-trainer recipe tiny`). Which response a user prefers
+// is an interaction — response B's style × the styles in the summary — and with both A/B
+// orders in the data neither alone tells anything, so training on the selection alone
+// sits at chance: the readout of `A` vs `B` collapses to exactly 1/2 before attention has
+// learnt to bring either input to the answer position. Two copy targets at the same
+// position give each input a gradient of its own: after the same answer prefix, the
+// judge is also trained to write response B's last word and a word of the summary. The
+// curriculum: (1) the copies alone on short chats (no instructions or worked example,
+// summaries naming one style), (2) copies and selections mixed on those, (3) everything
+// on the real prompt. Scoring reads only `A` vs `B`, so the copies never count there.
 
 /// Renders a chat in ChatML, ending with an open assistant turn.
 pub fn chatml(messages: &[ChatMessage]) -> String {
@@ -44,6 +52,34 @@ pub fn training_record(
     ColdStartRecord {
         prompt: chatml(&templates.judge_messages(post, summary, a, b)),
         response: format!("{}{letter}\"}}<|im_end|>", templates.judge_answer_prefix),
+    }
+}
+
+/// A judge training record whose answer, after the selection prefix, is `word` (one of
+/// the copy targets described above).
+pub fn copy_record(
+    templates: &Templates,
+    post: &str,
+    summary: &str,
+    a: &str,
+    b: &str,
+    word: &str,
+) -> ColdStartRecord {
+    ColdStartRecord {
+        prompt: chatml(&templates.judge_messages(post, summary, a, b)),
+        response: format!("{}{word}\"}}<|im_end|>", templates.judge_answer_prefix),
+    }
+}
+
+/// The judge chat of the curriculum's first stages: the comparison without the
+/// instructions and the worked example.
+pub fn curriculum_templates() -> Templates {
+    Templates {
+        judge_user: "{examples}<Prompt>\n{post}\n</Prompt>\n\n<Preference>\n{summary}</Preference>\n\n\
+                     <Response A>\n{a}\n</Response A>\n\n<Response B>\n{b}\n</Response B>\n\n"
+            .into(),
+        judge_examples: String::new(),
+        ..Templates::default()
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`onnx`]: ONNX protobuf messages and graph-building helpers for the exporter.
 //! - [`qwen2`]: the Qwen2 decoder with HF parameter names and a caller-owned KV cache.
 //! - [`recipe`]: `alignx-trainer recipe tiny`, the cached end-to-end tiny model build.
+//! - [`rl`]: `alignx-trainer grpo`, GRPO with the judge reward, base and streaming.
 //! - [`rng`]: the seeded SplitMix64 RNG behind sampling and data order.
 //! - [`sft`]: `alignx-trainer sft`, response-only loss, exact resumes.
 //! - [`synth`]: `alignx-trainer synth`, the deterministic synthetic preference world.
@@ -34,6 +35,7 @@ pub mod optim;
 pub mod prompt_cmd;
 pub mod qwen2;
 pub mod recipe;
+pub mod rl;
 pub mod rng;
 pub mod sft;
 pub mod synth;

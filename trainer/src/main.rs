@@ -14,6 +14,7 @@ use alignx_trainer::model_dir::{self, Dtype};
 use alignx_trainer::onnx::export::{self, ExportDtype, ExportOptions, KvLayout, Logits};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
 use alignx_trainer::recipe::{self, TinyRecipe};
+use alignx_trainer::rl::{self, RlConfig};
 use alignx_trainer::sft::{self, SftConfig};
 use alignx_trainer::synth::{self, SynthConfig};
 use anyhow::Context;
@@ -91,6 +92,11 @@ enum Command {
     /// Supervised fine-tuning on {prompt, response} records (JSON array or JSON Lines);
     /// loss on response tokens only. Prints a JSON summary on stdout.
     Sft(SftArgs),
+    /// Reinforcement learning with the judge reward R_jud (GRPO): sample a group of
+    /// summaries per prompt, reward those that make the judge pick the user's real next
+    /// choice, PPO-clip update. Writes the model (or adapter) to --out and one JSON line
+    /// per step to OUT/rl_log.jsonl; prints a JSON summary on stdout.
+    Grpo(GrpoArgs),
     /// Write a deterministic synthetic preference world: signal streams (signal.v1 JSONL),
     /// cold_start, rl_train, streaming_rl_train, judge training data, eval data and the
     /// users' latent preferences (users.jsonl), with train/holdout users split.
@@ -127,7 +133,8 @@ struct TinyArgs {
     /// SFT steps of the policy on cold-start data.
     #[arg(long, default_value_t = TinyRecipe::default().policy_steps)]
     policy_steps: usize,
-    /// SFT steps of the judge on judge data.
+    /// SFT steps of the judge's last curriculum stage (the real prompt); the three
+    /// earlier stages get 1/2, 5/8 and 5/8 of it.
     #[arg(long, default_value_t = TinyRecipe::default().judge_steps)]
     judge_steps: usize,
     /// Print where the recipe is (or would be) cached and exit.
@@ -249,6 +256,94 @@ struct SftArgs {
 }
 
 #[derive(Debug, Args)]
+struct GrpoArgs {
+    /// Policy model directory to start from (an SFT policy); also the KL reference.
+    #[arg(long)]
+    policy: PathBuf,
+    /// Judge model directory (scores A vs B by next-token log-probabilities).
+    #[arg(long)]
+    judge: PathBuf,
+    /// `rl_train` records (base setting) or `streaming_rl_train` records (streaming),
+    /// JSON array or JSON Lines.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: the final model, checkpoint-STEP directories, rl_log.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    /// `base`: one prompt per record. `streaming`: two consecutive steps of a user's
+    /// history, the summary sampled for the first put into the second's prompt.
+    #[arg(long, value_enum, default_value = "base")]
+    setting: EvalSetting,
+    #[arg(long, default_value_t = RlConfig::default().steps)]
+    steps: usize,
+    /// Prompts per step.
+    #[arg(long, default_value_t = RlConfig::default().prompts_per_step)]
+    prompts_per_step: usize,
+    /// Samples per prompt (the group whose mean reward is the baseline).
+    #[arg(long, default_value_t = RlConfig::default().group_size)]
+    group_size: usize,
+    #[arg(long, default_value_t = RlConfig::default().temperature)]
+    temperature: f64,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = RlConfig::default().max_new_tokens)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = RlConfig::default().lr)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// The cosine schedule ends at lr × this.
+    #[arg(long, default_value_t = RlConfig::default().min_lr_ratio)]
+    min_lr_ratio: f64,
+    #[arg(long, default_value_t = RlConfig::default().max_grad_norm)]
+    max_grad_norm: f64,
+    /// Sequences per forward/backward pass.
+    #[arg(long, default_value_t = RlConfig::default().micro_batch)]
+    micro_batch: usize,
+    /// PPO clip range ε.
+    #[arg(long, default_value_t = RlConfig::default().clip)]
+    clip: f64,
+    /// Weight of the k3 KL penalty to the starting policy (0: none, no reference loaded).
+    #[arg(long, default_value_t = 0.0)]
+    kl_coef: f64,
+    /// Keep advantages as reward − group mean, not divided by the group's std.
+    #[arg(long)]
+    no_std_normalize: bool,
+    /// `hard`: 1 when the judge picks the user's choice, else 0; `soft`: the judge's
+    /// probability of the user's choice.
+    #[arg(long, value_enum, default_value = "hard")]
+    reward_mode: RewardMode,
+    /// Optimizer updates per batch of rollouts.
+    #[arg(long, default_value_t = 1)]
+    ppo_epochs: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write OUT/checkpoint-STEP every this many steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue from OUT/checkpoint-STEP of a run with the same settings.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Train a LoRA adapter of this rank instead of all weights (output: a PEFT adapter).
+    #[arg(long)]
+    lora_rank: Option<i64>,
+    /// LoRA scaling numerator (default: 2 × rank).
+    #[arg(long, requires = "lora_rank")]
+    lora_alpha: Option<f64>,
+    /// Projections to adapt: q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,k,v,o", requires = "lora_rank")]
+    lora_targets: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RewardMode {
+    Hard,
+    Soft,
+}
+
+#[derive(Debug, Args)]
 struct InitArgs {
     /// Directory to create.
     #[arg(long)]
@@ -357,18 +452,56 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         device: device::resolve(a.device)?,
         dtype: a.dtype,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        lora: match a.lora_rank {
-            None => None,
-            Some(rank) if rank <= 0 => anyhow::bail!("--lora-rank must be positive"),
-            Some(rank) => Some(LoraConfig {
-                rank,
-                lora_alpha: a.lora_alpha.unwrap_or(2.0 * rank as f64),
-                target_modules: LoraConfig::parse_targets(&a.lora_targets).map_err(anyhow::Error::msg)?,
-            }),
-        },
+        lora: lora_config(a.lora_rank, a.lora_alpha, &a.lora_targets)?,
     };
     tch::manual_seed(cfg.seed as i64);
     let summary = sft::run(&cfg)?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+/// The adapter asked for by `--lora-rank/--lora-alpha/--lora-targets`, if any.
+fn lora_config(rank: Option<i64>, alpha: Option<f64>, targets: &str) -> anyhow::Result<Option<LoraConfig>> {
+    match rank {
+        None => Ok(None),
+        Some(rank) if rank <= 0 => anyhow::bail!("--lora-rank must be positive"),
+        Some(rank) => Ok(Some(LoraConfig {
+            rank,
+            lora_alpha: alpha.unwrap_or(2.0 * rank as f64),
+            target_modules: LoraConfig::parse_targets(targets).map_err(anyhow::Error::msg)?,
+        })),
+    }
+}
+
+fn run_grpo(a: GrpoArgs) -> anyhow::Result<()> {
+    let cfg = RlConfig {
+        setting: a.setting,
+        steps: a.steps,
+        prompts_per_step: a.prompts_per_step,
+        group_size: a.group_size,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        lr: a.lr,
+        warmup_steps: a.warmup_steps,
+        min_lr_ratio: a.min_lr_ratio,
+        max_grad_norm: a.max_grad_norm,
+        micro_batch: a.micro_batch,
+        clip: a.clip,
+        kl_coef: a.kl_coef,
+        std_normalize: !a.no_std_normalize,
+        soft_reward: matches!(a.reward_mode, RewardMode::Soft),
+        ppo_epochs: a.ppo_epochs,
+        seed: a.seed,
+        save_every: a.save_every,
+        resume: a.resume,
+        device: device::resolve(a.device)?,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        lora: lora_config(a.lora_rank, a.lora_alpha, &a.lora_targets)?,
+        ..RlConfig::new(a.policy, a.judge, a.data, a.out)
+    };
+    tch::manual_seed(cfg.seed as i64);
+    let summary = rl::run(&cfg)?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
@@ -495,6 +628,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => report(run_generate(args)),
         Command::Sft(args) => report(run_sft(args)),
         Command::Synth(args) => report(run_synth(args)),
+        Command::Grpo(args) => report(run_grpo(args)),
         Command::Recipe { recipe: RecipeCommand::Tiny(args) } => report(run_recipe(args)),
         Command::Eval(args) => report(run_eval(args)),
         Command::ExportOnnx { model, out, dtype, logits, kv_cache } => {

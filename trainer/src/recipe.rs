@@ -16,7 +16,7 @@ use crate::sft::{self, SftConfig, SftSummary};
 use crate::synth::{self, SynthConfig, SynthSummary};
 
 /// Bump when the recipe's code changes what it builds: old caches are then ignored.
-pub const RECIPE_VERSION: &str = "tiny-2";
+pub const RECIPE_VERSION: &str = "tiny-3";
 
 /// The recipe's knobs (all part of the cache key).
 #[derive(Debug, Clone, Serialize)]
@@ -40,7 +40,7 @@ impl Default for TinyRecipe {
             users: 400,
             noise: 0.1,
             policy_steps: 400,
-            judge_steps: 400,
+            judge_steps: 800,
             batch_size: 16,
             lr: 3e-3,
             hidden: 128,
@@ -233,15 +233,37 @@ fn build(recipe: &TinyRecipe, dir: &Path, progress: bool) -> Result<RecipeReport
         progress,
         ..SftConfig::new(model, data, out)
     };
-    say("judge: SFT on judge data");
+    // The judge's curriculum (judge.rs): copy targets alone, then copies and selections
+    // on short chats (one style named, then the real summaries), then the real prompt.
+    // Stage lengths scale with `judge_steps`, the last stage's (800 → 400/500/500/800).
+    say("judge: SFT curriculum on judge data");
     let t = Instant::now();
     let judge_dir = dir.join("judge");
-    let judge = sft::run(&sft_cfg(
-        dir.join("init-judge"),
-        world_dir.join("judge_train.jsonl"),
-        judge_dir.clone(),
-        recipe.judge_steps,
-    ))?;
+    let n = recipe.judge_steps;
+    let curriculum = [
+        ("judge_copy", (n / 2).max(1)),
+        ("judge_short_one", (n * 5 / 8).max(1)),
+        ("judge_short", (n * 5 / 8).max(1)),
+        ("judge_train", n),
+    ];
+    let mut from = dir.join("init-judge");
+    let mut judge = None;
+    for (i, (data, steps)) in curriculum.into_iter().enumerate() {
+        let last = i + 1 == curriculum.len();
+        let out = if last { judge_dir.clone() } else { dir.join(format!("judge-stage-{}", i + 1)) };
+        say(&format!("judge stage {}/{}: {data} ({steps} steps)", i + 1, curriculum.len()));
+        let summary =
+            sft::run(&sft_cfg(from.clone(), world_dir.join(format!("{data}.jsonl")), out.clone(), steps))?;
+        if !last {
+            from = out;
+        }
+        judge = Some(summary);
+    }
+    let judge = judge.expect("the curriculum has stages");
+    for i in 1..curriculum.len() {
+        let stage_dir = dir.join(format!("judge-stage-{i}"));
+        std::fs::remove_dir_all(&stage_dir).map_err(|e| io(&stage_dir, e))?;
+    }
     stage("judge_sft", t);
 
     say("policy: SFT on cold-start data");

@@ -18,6 +18,7 @@ use crate::checkpoint::{self, CONFIG_FILE, CheckpointError};
 use crate::lora::{self, LoraConfig};
 use crate::model_dir::{self, Dtype, LoadError};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
+use crate::qwen2::{KvCache, Qwen2};
 use crate::rng::Rng;
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -119,16 +120,22 @@ pub struct SftSummary {
 
 /// What a checkpoint records besides weights and optimizer state.
 #[derive(Debug, Serialize, Deserialize)]
-struct TrainerState {
-    step: usize,
-    seed: u64,
-    total_steps: usize,
+pub(crate) struct TrainerState {
+    pub step: usize,
+    pub seed: u64,
+    pub total_steps: usize,
 }
 
-/// One tokenised example: `ids` = prompt + response + EOS; loss on `ids[prompt_len..]`.
-struct Example {
-    ids: Vec<i64>,
-    prompt_len: usize,
+/// One tokenised example: `ids` = prompt + response (+ EOS); loss on `ids[prompt_len..]`.
+pub(crate) struct Example {
+    pub ids: Vec<i64>,
+    pub prompt_len: usize,
+}
+
+impl Example {
+    pub fn response_len(&self) -> usize {
+        self.ids.len() - self.prompt_len
+    }
 }
 
 fn tokenize(
@@ -182,7 +189,24 @@ fn batch(examples: &[&Example], device: Device) -> (Tensor, Tensor, Tensor, Tens
     (t(&ids), t(&mask), positions, t(&targets), Tensor::from_slice(&tmask).view(shape).to_device(device))
 }
 
-fn read_config_json(dir: &Path) -> Result<serde_json::Value, SftError> {
+/// Log-probabilities of every example's response tokens under `model` (with gradients),
+/// concatenated in example order: [`Example::response_len`] values each.
+pub(crate) fn response_logprobs(model: &Qwen2, examples: &[&Example], device: Device) -> Tensor {
+    let (ids, mask, positions, targets, tmask) = batch(examples, device);
+    // Logits only where the loss is: response tokens are a small share of each
+    // sequence, and the [batch, seq, vocab] tensor is the biggest of the step.
+    let hidden = model.hidden(&ids, &mask, &positions, &mut KvCache::new());
+    let rows = tmask.flatten(0, -1).nonzero().squeeze_dim(-1);
+    let hidden = hidden.flatten(0, 1).index_select(0, &rows);
+    let targets = targets.flatten(0, -1).index_select(0, &rows);
+    model
+        .logits(&hidden)
+        .log_softmax(-1, Kind::Float)
+        .gather(-1, &targets.unsqueeze(-1), false)
+        .squeeze_dim(-1)
+}
+
+pub(crate) fn read_config_json(dir: &Path) -> Result<serde_json::Value, SftError> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| SftError::Read { path: path.display().to_string(), message: e.to_string() })?;
@@ -190,18 +214,74 @@ fn read_config_json(dir: &Path) -> Result<serde_json::Value, SftError> {
         .map_err(|e| SftError::Read { path: path.display().to_string(), message: e.to_string() })
 }
 
-/// Saves what this run trains: the whole model, or the adapter.
-fn save(
-    cfg: &SftConfig,
+/// Saves what a run trains: the whole model, or (with `lora`) the adapter over `base`.
+pub(crate) fn save_model(
+    lora: Option<&LoraConfig>,
+    base: &Path,
     loaded: &model_dir::LoadedModel,
     config_json: &serde_json::Value,
     dir: &Path,
     extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
-    match (&cfg.lora, &loaded.lora_vs) {
-        (Some(lora), Some(lora_vs)) => lora::save_adapter(lora_vs, lora, &cfg.model, dir, extra),
-        _ => checkpoint::save_with(&loaded.vs, config_json, Some(&cfg.model), dir, extra),
+    match (lora, &loaded.lora_vs) {
+        (Some(lora), Some(lora_vs)) => lora::save_adapter(lora_vs, lora, base, dir, extra),
+        _ => checkpoint::save_with(&loaded.vs, config_json, Some(base), dir, extra),
     }
+}
+
+/// Writes `dir/checkpoint-STEP` for a resume: the model (via `save`), the optimizer state
+/// and `state`.
+pub(crate) fn save_checkpoint(
+    dir: &Path,
+    opt: &AdamW,
+    state: &TrainerState,
+    save: impl FnOnce(&Path, &dyn Fn(&Path) -> Result<(), CheckpointError>) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let extra = |tmp: &Path| {
+        opt.save(&tmp.join(OPTIMIZER_FILE)).map_err(|e| checkpoint::io_error(tmp, e))?;
+        let text = serde_json::to_string_pretty(state).expect("state serialises");
+        std::fs::write(tmp.join(STATE_FILE), text).map_err(|e| checkpoint::io_error(tmp, e))
+    };
+    save(&dir.join(format!("checkpoint-{}", state.step)), &extra)
+}
+
+/// Reads a checkpoint's state and loads its optimizer state into `opt`, checking that it
+/// was written by a run with `seed` and `total_steps`.
+pub(crate) fn resume_state(
+    dir: &Path,
+    opt: &mut AdamW,
+    seed: u64,
+    total_steps: usize,
+) -> Result<TrainerState, SftError> {
+    let resume_err = |message: String| SftError::Resume { path: dir.display().to_string(), message };
+    let state: TrainerState = std::fs::read_to_string(dir.join(STATE_FILE))
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        .map_err(resume_err)?;
+    if state.seed != seed || state.total_steps != total_steps {
+        return Err(resume_err(format!(
+            "it was written with seed {} and {} total steps; this run has seed {seed} and {total_steps}",
+            state.seed, state.total_steps
+        )));
+    }
+    opt.load(&dir.join(OPTIMIZER_FILE)).map_err(resume_err)?;
+    Ok(state)
+}
+
+/// Moves the final model written by `save` into `out`, replacing its files (checkpoint
+/// directories inside it are kept).
+pub(crate) fn save_final(
+    out: &Path,
+    save: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let final_dir = out.join("final.partial");
+    save(&final_dir)?;
+    for entry in std::fs::read_dir(&final_dir).map_err(|e| checkpoint::io_error(&final_dir, e))? {
+        let entry = entry.map_err(|e| checkpoint::io_error(&final_dir, e))?;
+        let to = out.join(entry.file_name());
+        std::fs::rename(entry.path(), &to).map_err(|e| checkpoint::io_error(&to, e))?;
+    }
+    std::fs::remove_dir(&final_dir).map_err(|e| checkpoint::io_error(&final_dir, e))
 }
 
 pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
@@ -220,6 +300,9 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
     };
     let loaded = model_dir::load_with_lora(weights_dir, cfg.device, cfg.dtype, cfg.lora.as_ref())?;
     let config_json = read_config_json(weights_dir)?;
+    let save = |dir: &Path, extra: &dyn Fn(&Path) -> Result<(), CheckpointError>| {
+        save_model(cfg.lora.as_ref(), &cfg.model, &loaded, &config_json, dir, extra)
+    };
     if let (Some(lora), Some(dir), Some(lora_vs)) = (&cfg.lora, &cfg.resume, &loaded.lora_vs) {
         let saved = LoraConfig::read(dir)?;
         if &saved != lora {
@@ -250,19 +333,7 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         AdamW::new(params, AdamWConfig { weight_decay: cfg.weight_decay, ..AdamWConfig::default() });
     let mut start_step = 0;
     if let Some(dir) = &cfg.resume {
-        let resume_err = |message: String| SftError::Resume { path: dir.display().to_string(), message };
-        let state: TrainerState = std::fs::read_to_string(dir.join(STATE_FILE))
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-            .map_err(resume_err)?;
-        if state.seed != cfg.seed || state.total_steps != total_steps {
-            return Err(resume_err(format!(
-                "it was written with seed {} and {} total steps; this run has seed {} and {}",
-                state.seed, state.total_steps, cfg.seed, total_steps
-            )));
-        }
-        opt.load(&dir.join(OPTIMIZER_FILE)).map_err(resume_err)?;
-        start_step = state.step;
+        start_step = resume_state(dir, &mut opt, cfg.seed, total_steps)?.step;
     }
 
     let bar = if cfg.progress {
@@ -294,20 +365,8 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         opt.zero_grad();
         let mut loss_sum = 0.0;
         for micro in chosen.chunks(cfg.batch_size) {
-            let (ids, mask, positions, targets, tmask) = batch(micro, cfg.device);
-            tokens += mask.sum(Kind::Int64).int64_value(&[]) as u64;
-            // Logits only where the loss is: response tokens are a small share of each
-            // sequence, and the [batch, seq, vocab] tensor is the biggest of the step.
-            let hidden = loaded.model.hidden(&ids, &mask, &positions, &mut crate::qwen2::KvCache::new());
-            let rows = tmask.flatten(0, -1).nonzero().squeeze_dim(-1);
-            let hidden = hidden.flatten(0, 1).index_select(0, &rows);
-            let targets = targets.flatten(0, -1).index_select(0, &rows);
-            let logp = loaded
-                .model
-                .logits(&hidden)
-                .log_softmax(-1, Kind::Float)
-                .gather(-1, &targets.unsqueeze(-1), false)
-                .squeeze_dim(-1);
+            tokens += micro.iter().map(|e| e.ids.len() as u64).sum::<u64>();
+            let logp = response_logprobs(&loaded.model, micro, cfg.device);
             let nll = -logp.sum(Kind::Float);
             loss_sum += nll.double_value(&[]);
             (nll / step_targets as f64).backward();
@@ -322,23 +381,11 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         let done = step + 1;
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done < total_steps {
             let state = TrainerState { step: done, seed: cfg.seed, total_steps };
-            save(cfg, &loaded, &config_json, &cfg.out.join(format!("checkpoint-{done}")), |tmp| {
-                opt.save(&tmp.join(OPTIMIZER_FILE)).map_err(|e| checkpoint::io_error(tmp, e))?;
-                let text = serde_json::to_string_pretty(&state).expect("state serialises");
-                std::fs::write(tmp.join(STATE_FILE), text).map_err(|e| checkpoint::io_error(tmp, e))
-            })?;
+            save_checkpoint(&cfg.out, &opt, &state, |dir, extra| save(dir, extra))?;
         }
     }
     bar.finish_and_clear();
-    // The final model (or adapter) replaces --out's files; checkpoints inside it are kept.
-    let final_dir = cfg.out.join("final.partial");
-    save(cfg, &loaded, &config_json, &final_dir, |_| Ok(()))?;
-    for entry in std::fs::read_dir(&final_dir).map_err(|e| checkpoint::io_error(&final_dir, e))? {
-        let entry = entry.map_err(|e| checkpoint::io_error(&final_dir, e))?;
-        let to = cfg.out.join(entry.file_name());
-        std::fs::rename(entry.path(), &to).map_err(|e| checkpoint::io_error(&to, e))?;
-    }
-    std::fs::remove_dir(&final_dir).map_err(|e| checkpoint::io_error(&final_dir, e))?;
+    save_final(&cfg.out, |dir| save(dir, &|_| Ok(())))?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(SftSummary {
         steps: total_steps - start_step,

@@ -34,8 +34,12 @@ pub struct Style {
     /// The word every response in this style opens with, and the teacher's name for
     /// what it sees.
     pub keyword: &'static str,
-    /// How a summary names it (contains the keyword).
+    /// The word every response in this style ends with.
+    pub signoff: &'static str,
+    /// How a summary names it: a line of words no response uses, ending in `key`.
     pub description: &'static str,
+    /// The description's distinctive last word.
+    pub key: &'static str,
     /// Response templates; `{base}` is the topic's plain advice.
     templates: [&'static str; 3],
     /// Things a user with this style writes (comments, free text).
@@ -43,15 +47,19 @@ pub struct Style {
 }
 
 /// The catalogue. Concise and detailed are two poles of one dimension: no user holds both.
-/// Every response in a style opens with its keyword, and summaries name a style by a
-/// line opening with it: the same token at the same place after a line break, which
-/// tiny models learn to match within minutes.
+/// Every response in a style opens with its keyword and ends with its sign-off; a summary
+/// names a style in its own words (never a response's), so a judge must learn which
+/// preference goes with which response style — a tiny model's attention finds a response's
+/// last word (at a fixed distance from the judge's answer) and a preference's distinctive
+/// word (by what it is) quickly, which the judge curriculum builds on.
 pub const STYLES: &[Style] = &[
     Style {
         name: "humor",
         dimension: "humor",
         keyword: "Funny",
-        description: "Funny answers with jokes.",
+        signoff: "haha",
+        description: "Enjoys humour.",
+        key: "humour",
         templates: [
             "Funny take: {base}, and laugh at the first mistake.",
             "Funny but true: {base}; even experts joke about it.",
@@ -63,7 +71,9 @@ pub const STYLES: &[Style] = &[
         name: "concise",
         dimension: "Communication style in social settings: more concise or detailed",
         keyword: "Brief",
-        description: "Brief answers, no extras.",
+        signoff: "done",
+        description: "Wants minimal length.",
+        key: "length",
         templates: ["Brief: {base}.", "Brief answer: {base}.", "Brief version: {base}."],
         writes: ["Brief is better.", "Brief answers please.", "Brief and clear, thanks."],
     },
@@ -71,7 +81,9 @@ pub const STYLES: &[Style] = &[
         name: "detailed",
         dimension: "Communication style in social settings: more concise or detailed",
         keyword: "Detailed",
-        description: "Detailed, thorough explanations.",
+        signoff: "thoroughly",
+        description: "Wants full coverage.",
+        key: "coverage",
         templates: [
             "Detailed plan: first {base}; then check each step, and finally review what worked.",
             "Detailed steps: {base}, then go through every part and note what changed.",
@@ -87,7 +99,9 @@ pub const STYLES: &[Style] = &[
         name: "formal",
         dimension: "Need for Order (neatness, organization, avoiding chaos)",
         keyword: "Formally",
-        description: "Formally written, polite language.",
+        signoff: "respectfully",
+        description: "Values politeness.",
+        key: "politeness",
         templates: [
             "Formally, I would respectfully suggest that you {base}. Kind regards.",
             "Formally speaking, it is advisable to {base}. Sincerely.",
@@ -103,7 +117,9 @@ pub const STYLES: &[Style] = &[
         name: "examples",
         dimension: "Preference for a certain learning style",
         keyword: "Example",
-        description: "Example-led answers.",
+        signoff: "anecdotally",
+        description: "Learns through stories.",
+        key: "stories",
         templates: [
             "Example: a friend decided to {base}, and it worked.",
             "Example first: my neighbour chose to {base} last month.",
@@ -115,7 +131,9 @@ pub const STYLES: &[Style] = &[
         name: "empathy",
         dimension: "Need for Nurturance (assisting the weak, caring for others, protecting them from danger)",
         keyword: "Warmly",
-        description: "Warmly written, empathetic support.",
+        signoff: "gently",
+        description: "Needs compassion.",
+        key: "compassion",
         templates: [
             "Warmly: I understand how you feel; gently, {base}.",
             "Warmly said: it is normal to struggle. When ready, {base}.",
@@ -131,7 +149,9 @@ pub const STYLES: &[Style] = &[
         name: "technical",
         dimension: "Degree of concern for the complexity of the statement",
         keyword: "Technically",
-        description: "Technically precise, in depth.",
+        signoff: "precisely",
+        description: "Demands rigour.",
+        key: "rigour",
         templates: [
             "Technically, the key parameter is the ratio of inputs; {base}.",
             "Technically speaking: measure the baseline metric first, then {base}.",
@@ -147,7 +167,9 @@ pub const STYLES: &[Style] = &[
         name: "optimism",
         dimension: "Degree of Neuroticism in the Big Five personality traits",
         keyword: "Positive",
-        description: "Positive, encouraging tone.",
+        signoff: "cheers",
+        description: "Seeks hopefulness.",
+        key: "hopefulness",
         templates: [
             "Positive news: this will work out great! {base}.",
             "Positive outlook: the future is bright, so {base}.",
@@ -322,7 +344,8 @@ impl World<'_> {
     }
 
     fn respond(&mut self, style: usize, base: &str) -> String {
-        pick(&mut self.rng, &STYLES[style].templates).replace("{base}", base)
+        let body = pick(&mut self.rng, &STYLES[style].templates).replace("{base}", base);
+        format!("{body} {}", STYLES[style].signoff)
     }
 
     /// A fresh comparison for a user holding `styles`: the chosen response carries one
@@ -633,6 +656,10 @@ pub fn generate(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary, SynthErro
     let mut rl = Jsonl::create(out, "rl_train.jsonl")?;
     let mut streaming = Jsonl::create(out, "streaming_rl_train.jsonl")?;
     let mut judge_train = Jsonl::create(out, "judge_train.jsonl")?;
+    let mut judge_copy = Jsonl::create(out, "judge_copy.jsonl")?;
+    let mut judge_short_one = Jsonl::create(out, "judge_short_one.jsonl")?;
+    let mut judge_short = Jsonl::create(out, "judge_short.jsonl")?;
+    let short = judge::curriculum_templates();
     let mut eval = Jsonl::create(out, "eval.jsonl")?;
     let mut eval_shift = Jsonl::create(out, "eval_shift.jsonl")?;
     let mut eval_shift_stale = Jsonl::create(out, "eval_shift_stale.jsonl")?;
@@ -756,9 +783,13 @@ pub fn generate(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary, SynthErro
             });
         }
         streaming.put(&StreamingRlRecord(vec![StreamingEntry { history: steps }]))?;
-        // Judge data from the user's true choices: mostly the full latent summary, some
-        // naming only the chosen style, some naming neither side (the answer is then
-        // not in the summary: the judge should learn to be unsure).
+        // Judge data from the user's true choices, for the stages of the judge's curriculum
+        // (`judge.rs` says why): `judge_copy` (copy targets only) and `judge_short_one` show
+        // the chat without the instructions and worked example, with a summary naming only
+        // the chosen style; `judge_short` is `judge_train` in that short chat; `judge_train`
+        // is the real prompt with mostly the full latent summary, some naming only the
+        // chosen style, some naming neither side (the answer is then not in the summary:
+        // the judge should learn to be unsure).
         for k in 0..cfg.signals_per_user {
             let styles_k = user.styles_at(k).to_vec();
             let (post, chosen, rejected, liked, disliked) = world.comparison(&styles_k);
@@ -772,37 +803,46 @@ pub fn generate(cfg: &SynthConfig, out: &Path) -> Result<SynthSummary, SynthErro
                     styles.iter().copied().filter(|&s| s != liked && s != disliked).collect();
                 vec![pick(&mut world.rng, &neither)]
             };
+            let mention = pick(&mut world.rng, &shown);
             // Both orders of each comparison: the same content with opposite answers,
             // so position alone explains nothing.
             let summary_text = summary_of(&shown);
-            for (a, b, answer) in [(&chosen, &rejected, Choice::A), (&rejected, &chosen, Choice::B)] {
+            let only_liked = summary_of(&[liked]);
+            for (a, b, answer, b_style) in
+                [(&chosen, &rejected, Choice::A, disliked), (&rejected, &chosen, Choice::B, liked)]
+            {
+                let copies = |t: &Templates, summary: &str, mentioned: usize| {
+                    [STYLES[b_style].signoff, STYLES[mentioned].key]
+                        .map(|word| judge::copy_record(t, &post, summary, a, b, word))
+                };
+                for r in copies(&short, &only_liked, liked) {
+                    judge_copy.put(&r)?;
+                    judge_short_one.put(&r)?;
+                }
+                judge_short_one.put(&judge::training_record(&short, &post, &only_liked, a, b, answer))?;
+                judge_short.put(&judge::training_record(&short, &post, &summary_text, a, b, answer))?;
+                for r in copies(&short, &summary_text, mention) {
+                    judge_short.put(&r)?;
+                }
                 let record = judge::training_record(&templates, &post, &summary_text, a, b, answer);
                 if k == 0 && answer == Choice::A {
                     corpus.push_str(&record.prompt);
                     corpus.push_str(&record.response);
                 }
                 judge_train.put(&record)?;
+                for r in copies(&templates, &summary_text, mention) {
+                    judge_train.put(&r)?;
+                }
             }
-            // An auxiliary reading task on the same chat under its own system message:
-            // name each response's style. It teaches the judge where each response's
-            // style shows, which the selection then builds on.
-            let (sa, sb) = if k % 2 == 0 { (liked, disliked) } else { (disliked, liked) };
-            let (a, b) = if k % 2 == 0 { (&chosen, &rejected) } else { (&rejected, &chosen) };
-            let mut chat = templates.judge_messages(&post, &summary_text, a, b);
-            chat[0].content = judge::READ_STYLES_SYSTEM.to_owned();
-            judge_train.put(&ColdStartRecord {
-                prompt: judge::chatml(&chat),
-                response: format!(
-                    "Response A: {}. Response B: {}.<|im_end|>",
-                    STYLES[sa].keyword, STYLES[sb].keyword
-                ),
-            })?;
         }
     }
     summary.cold_start = cold.finish()?;
     summary.rl_train = rl.finish()?;
     summary.streaming_rl_train = streaming.finish()?;
     summary.judge_train = judge_train.finish()?;
+    judge_copy.finish()?;
+    judge_short_one.finish()?;
+    judge_short.finish()?;
     summary.eval = eval.finish()?;
     summary.eval_shift = eval_shift.finish()?;
     eval_shift_stale.finish()?;

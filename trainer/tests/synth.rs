@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use alignx_schemas::training::{ColdStartRecord, EvalRecord, RlRecord, StreamingRlRecord, read_records};
 use alignx_schemas::{Limits, validate_signal};
-use alignx_trainer::judge;
+use alignx_trainer::synth::STYLES;
 
 fn trainer(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_alignx-trainer")).args(args).output().expect("run alignx-trainer")
@@ -80,18 +80,35 @@ fn the_world_is_deterministic_and_every_file_parses() {
     let streaming: Vec<StreamingRlRecord> = read_records(&read(&a, "streaming_rl_train.jsonl")).unwrap();
     assert_eq!(streaming.len(), train.len());
     assert!(!rl.is_empty());
-    let judge: Vec<ColdStartRecord> = read_records(&read(&a, "judge_train.jsonl")).unwrap();
-    let (selections, reading): (Vec<_>, Vec<_>) =
-        judge.iter().partition(|r| r.response.starts_with("{\"selection\": \"Response "));
-    assert!(
-        reading
-            .iter()
-            .all(|r| r.response.starts_with("Response A: ") && r.prompt.contains(judge::READ_STYLES_SYSTEM))
-    );
-    // Both orders of every comparison.
-    let a_share = selections.iter().filter(|r| r.response.contains("Response A")).count() as f64
-        / selections.len() as f64;
-    assert_eq!(a_share, 0.5);
+    // The judge curriculum: every answer follows the selection prefix; it is a letter or a
+    // copy of response B's sign-off or of a summary's key word.
+    let words: Vec<String> = STYLES.iter().flat_map(|s| [s.signoff, s.key]).map(String::from).collect();
+    for file in ["judge_copy.jsonl", "judge_short_one.jsonl", "judge_short.jsonl", "judge_train.jsonl"] {
+        let judge: Vec<ColdStartRecord> = read_records(&read(&a, file)).unwrap();
+        let answer = |r: &ColdStartRecord| {
+            r.response
+                .strip_prefix("{\"selection\": \"Response ")
+                .and_then(|x| x.strip_suffix("\"}<|im_end|>"))
+                .unwrap_or_else(|| panic!("{file}: {}", r.response))
+                .to_owned()
+        };
+        let (letters, copies): (Vec<_>, Vec<_>) =
+            judge.iter().map(answer).partition(|x| x == "A" || x == "B");
+        assert!(copies.iter().all(|w| words.contains(w)), "{file}: copy targets are style words");
+        if file == "judge_copy.jsonl" {
+            assert!(letters.is_empty());
+            continue;
+        }
+        // Both orders of every comparison.
+        let a_share = letters.iter().filter(|x| *x == "A").count() as f64 / letters.len() as f64;
+        assert_eq!(a_share, 0.5, "{file}");
+        let full = judge.iter().all(|r| r.prompt.contains("Here is an example."));
+        assert_eq!(full, file == "judge_train.jsonl", "{file}: only the last stage shows the whole prompt");
+    }
+    // A summary never uses a response's words: the judge must learn which goes with which.
+    for style in STYLES {
+        assert!(!style.description.contains(style.keyword) && !style.description.contains(style.signoff));
+    }
 
     let eval: Vec<EvalRecord> = read_records(&read(&a, "eval.jsonl")).unwrap();
     let shift: Vec<EvalRecord> = read_records(&read(&a, "eval_shift.jsonl")).unwrap();
