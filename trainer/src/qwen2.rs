@@ -191,6 +191,15 @@ impl KvCache {
         self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.size()[2])
     }
 
+    /// Repeats a one-row cache as `rows` rows (a shared prompt prefix; a view, and
+    /// differentiable: gradients of every row flow back to the one).
+    pub fn expand_rows(&mut self, rows: i64) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.expand([rows, -1, -1, -1], false);
+            *v = v.expand([rows, -1, -1, -1], false);
+        }
+    }
+
     /// Keeps only the batch rows in `rows` (finished sequences leave the batch).
     pub fn select_rows(&mut self, rows: &Tensor) {
         for (k, v) in self.layers.iter_mut().flatten() {

@@ -16,7 +16,7 @@ use crate::sft::{self, SftConfig, SftSummary};
 use crate::synth::{self, SynthConfig, SynthSummary};
 
 /// Bump when the recipe's code changes what it builds: old caches are then ignored.
-pub const RECIPE_VERSION: &str = "tiny-3";
+pub const RECIPE_VERSION: &str = "tiny-4";
 
 /// The recipe's knobs (all part of the cache key).
 #[derive(Debug, Clone, Serialize)]
@@ -39,7 +39,7 @@ impl Default for TinyRecipe {
             seed: 0,
             users: 400,
             noise: 0.1,
-            policy_steps: 400,
+            policy_steps: 800,
             judge_steps: 800,
             batch_size: 16,
             lr: 3e-3,

@@ -127,7 +127,8 @@ pub(crate) struct TrainerState {
 }
 
 /// One tokenised example: `ids` = prompt + response (+ EOS); loss on `ids[prompt_len..]`.
-pub(crate) struct Example {
+#[derive(Debug, Clone)]
+pub struct Example {
     pub ids: Vec<i64>,
     pub prompt_len: usize,
 }
@@ -163,39 +164,71 @@ fn tokenize(
     Ok((kept, dropped))
 }
 
-/// Right-padded batch: `(input_ids, attention_mask, position_ids, targets, target_mask)`,
-/// targets shifted by one so position `t` predicts token `t + 1`.
-fn batch(examples: &[&Example], device: Device) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+/// Right-padded batch of the examples' tokens from `skip` on: `(input_ids,
+/// attention_mask, position_ids, targets, target_mask)`, the mask covering the `skip`
+/// cached positions too, targets shifted by one so position `t` predicts token `t + 1`.
+fn batch(examples: &[&Example], skip: usize, device: Device) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
     let b = examples.len();
-    let width = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let width = examples.iter().map(|e| e.ids.len() - skip).max().unwrap_or(1);
     let (mut ids, mut mask, mut targets, mut tmask) =
         (vec![0i64; b * width], vec![0i64; b * width], vec![0i64; b * width], vec![0f32; b * width]);
     for (r, e) in examples.iter().enumerate() {
-        for (j, &t) in e.ids.iter().enumerate() {
-            ids[r * width + j] = t;
-            mask[r * width + j] = 1;
+        for (c, &t) in e.ids[skip..].iter().enumerate() {
+            let (i, j) = (r * width + c, skip + c);
+            ids[i] = t;
+            mask[i] = 1;
             if j + 1 < e.ids.len() {
-                targets[r * width + j] = e.ids[j + 1];
+                targets[i] = e.ids[j + 1];
                 // Position j predicts token j+1, a response token when j+1 >= prompt_len.
                 if j + 1 >= e.prompt_len {
-                    tmask[r * width + j] = 1.0;
+                    tmask[i] = 1.0;
                 }
             }
         }
     }
     let shape = [b as i64, width as i64];
     let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
-    let positions = Tensor::arange(width as i64, (Kind::Int64, device)).unsqueeze(0).expand(shape, false);
-    (t(&ids), t(&mask), positions, t(&targets), Tensor::from_slice(&tmask).view(shape).to_device(device))
+    let positions =
+        (Tensor::arange(width as i64, (Kind::Int64, device)) + skip as i64).unsqueeze(0).expand(shape, false);
+    let mask = Tensor::cat(&[Tensor::ones([b as i64, skip as i64], (Kind::Int64, device)), t(&mask)], 1);
+    (t(&ids), mask, positions, t(&targets), Tensor::from_slice(&tmask).view(shape).to_device(device))
+}
+
+/// Shared prefixes shorter than this are recomputed per row (not worth a second pass).
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// Tokens every example starts with, ending before the first position the loss covers.
+fn shared_prefix(examples: &[&Example]) -> usize {
+    let Some(first) = examples.first() else { return 0 };
+    let mut n = examples.iter().map(|e| e.prompt_len.saturating_sub(1)).min().unwrap_or(0);
+    for e in &examples[1..] {
+        n = n.min(first.ids.iter().zip(&e.ids).take_while(|(a, b)| a == b).count());
+    }
+    n
 }
 
 /// Log-probabilities of every example's response tokens under `model` (with gradients),
 /// concatenated in example order: [`Example::response_len`] values each.
-pub(crate) fn response_logprobs(model: &Qwen2, examples: &[&Example], device: Device) -> Tensor {
-    let (ids, mask, positions, targets, tmask) = batch(examples, device);
+///
+/// Prompts that start alike (the instructions of a template, the judge's worked example)
+/// have their common prefix run once, as one row whose keys and values every row then
+/// attends to: the same numbers as running each row whole (causal attention: a prefix
+/// never sees what follows it), and gradients flow back through the shared pass.
+pub fn response_logprobs(model: &Qwen2, examples: &[&Example], device: Device) -> Tensor {
+    let shared = shared_prefix(examples);
+    let skip = if shared >= MIN_SHARED_PREFIX && examples.len() > 1 { shared } else { 0 };
+    let mut cache = KvCache::new();
+    if skip > 0 {
+        let ids = Tensor::from_slice(&examples[0].ids[..skip]).view([1, skip as i64]).to_device(device);
+        let mask = Tensor::ones([1, skip as i64], (Kind::Int64, device));
+        let positions = Tensor::arange(skip as i64, (Kind::Int64, device)).unsqueeze(0);
+        let _ = model.hidden(&ids, &mask, &positions, &mut cache);
+        cache.expand_rows(examples.len() as i64);
+    }
+    let (ids, mask, positions, targets, tmask) = batch(examples, skip, device);
     // Logits only where the loss is: response tokens are a small share of each
     // sequence, and the [batch, seq, vocab] tensor is the biggest of the step.
-    let hidden = model.hidden(&ids, &mask, &positions, &mut KvCache::new());
+    let hidden = model.hidden(&ids, &mask, &positions, &mut cache);
     let rows = tmask.flatten(0, -1).nonzero().squeeze_dim(-1);
     let hidden = hidden.flatten(0, 1).index_select(0, &rows);
     let targets = targets.flatten(0, -1).index_select(0, &rows);

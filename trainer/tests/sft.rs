@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use alignx_trainer::init::{Preset, init};
 use alignx_trainer::lora::{self, LoraConfig};
 use alignx_trainer::model_dir::{self, Dtype, load_with_lora};
-use alignx_trainer::sft::{SftConfig, SftError, run};
-use tch::Device;
+use alignx_trainer::sft::{Example, SftConfig, SftError, response_logprobs, run};
+use tch::{Device, Kind, Tensor};
 
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     let styles = [
@@ -157,4 +157,51 @@ fn bf16_training_keeps_f32_masters_and_resumes_exactly() {
     })
     .unwrap();
     assert_eq!(resumed.losses, full.losses[12..]);
+}
+
+#[test]
+fn a_shared_prompt_prefix_runs_once_with_the_same_logprobs_and_gradients() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = setup(dir.path());
+    let loaded = model_dir::load(&model, Device::Cpu, Dtype::Fp32).unwrap();
+    let encode = |t: &str| alignx_trainer::tokenizer::encode_ids(&loaded.tokenizer, t).unwrap();
+    let prefix = encode("This is the problem:\nuser 1 chose the brief reply, user 2 the jokes, user 3 ");
+    assert!(prefix.len() >= 20, "the prefix must be long enough to be shared: {}", prefix.len());
+    let examples: Vec<Example> = ["detail", "brief one", "jokes and more jokes"]
+        .iter()
+        .map(|tail| {
+            let mut ids = prefix.clone();
+            ids.extend(encode(&format!("{tail}\nAssistant: <think>")));
+            let prompt_len = ids.len();
+            ids.extend(encode(&format!(" The user picks {tail}. </think> <answer> x </answer>")));
+            Example { ids, prompt_len }
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let grads = |logp: Tensor| {
+        let mut vars = loaded.vs.variables().into_iter().collect::<Vec<_>>();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, v) in vars.iter_mut() {
+            v.zero_grad();
+        }
+        logp.sum(Kind::Float).backward();
+        vars.into_iter().map(|(_, v)| v.grad().copy()).collect::<Vec<_>>()
+    };
+    // Together (the prefix run once) and one at a time (nothing shared).
+    let together = response_logprobs(&loaded.model, &refs, Device::Cpu);
+    let alone = Tensor::cat(
+        &refs.iter().map(|e| response_logprobs(&loaded.model, &[*e], Device::Cpu)).collect::<Vec<_>>(),
+        0,
+    );
+    let lens: i64 = examples.iter().map(|e| e.response_len() as i64).sum();
+    assert_eq!(together.size(), [lens]);
+    let diff = (&together - &alone).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "log-probs differ by {diff}");
+    let (g1, g2) = (grads(together), grads(alone));
+    for (a, b) in g1.iter().zip(&g2) {
+        let scale = b.abs().max().double_value(&[]).max(1e-6);
+        let d = (a - b).abs().max().double_value(&[]) / scale;
+        assert!(d < 1e-3, "gradients differ by {d} (relative)");
+    }
 }
