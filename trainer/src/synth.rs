@@ -895,7 +895,7 @@ mod tests {
         let w = [pair(0, 3), pair(4, 3), pair(0, 6), pair(0, 5)];
         let (response, styles) = teach(&w, None);
         assert_eq!(styles, vec![0]);
-        assert!(response.ends_with("<answer>Funny answers with jokes.</answer>"), "{response}");
+        assert!(response.ends_with("<answer>Enjoys humour.</answer>"), "{response}");
         assert!(
             response.starts_with(" Chosen: Funny, Example, Funny, Funny. Rejected: Formally,"),
             "{response}"
