@@ -49,14 +49,11 @@ pub fn training_record(
     answer: Choice,
 ) -> ColdStartRecord {
     let letter = if answer == Choice::A { "A" } else { "B" };
-    ColdStartRecord {
-        prompt: chatml(&templates.judge_messages(post, summary, a, b)),
-        response: format!("{}{letter}\"}}<|im_end|>", templates.judge_answer_prefix),
-    }
+    copy_record(templates, post, summary, a, b, letter)
 }
 
-/// A judge training record whose answer, after the selection prefix, is `word` (one of
-/// the copy targets described above).
+/// A judge training record whose answer, after the selection prefix, is `word`: one of
+/// the copy targets described above, or (from [`training_record`]) the selection's letter.
 pub fn copy_record(
     templates: &Templates,
     post: &str,

@@ -242,6 +242,15 @@ struct SftArgs {
     /// Weight precision while training (bf16/fp16 keep f32 master weights).
     #[arg(long, value_enum, default_value = "fp32")]
     dtype: Dtype,
+    #[command(flatten)]
+    lora: LoraArgs,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
+/// `--lora-rank/--lora-alpha/--lora-targets`, shared by the training commands.
+#[derive(Debug, Args)]
+struct LoraArgs {
     /// Train a LoRA adapter of this rank instead of all weights (output: a PEFT adapter).
     #[arg(long)]
     lora_rank: Option<i64>,
@@ -251,8 +260,21 @@ struct SftArgs {
     /// Projections to adapt: q,k,v,o,gate,up,down.
     #[arg(long, default_value = "q,k,v,o", requires = "lora_rank")]
     lora_targets: String,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceChoice,
+}
+
+impl LoraArgs {
+    /// The adapter asked for, if any.
+    fn config(&self) -> anyhow::Result<Option<LoraConfig>> {
+        match self.lora_rank {
+            None => Ok(None),
+            Some(rank) if rank <= 0 => anyhow::bail!("--lora-rank must be positive"),
+            Some(rank) => Ok(Some(LoraConfig {
+                rank,
+                lora_alpha: self.lora_alpha.unwrap_or(2.0 * rank as f64),
+                target_modules: LoraConfig::parse_targets(&self.lora_targets).map_err(anyhow::Error::msg)?,
+            })),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -324,15 +346,8 @@ struct GrpoArgs {
     /// Continue from OUT/checkpoint-STEP of a run with the same settings.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Train a LoRA adapter of this rank instead of all weights (output: a PEFT adapter).
-    #[arg(long)]
-    lora_rank: Option<i64>,
-    /// LoRA scaling numerator (default: 2 × rank).
-    #[arg(long, requires = "lora_rank")]
-    lora_alpha: Option<f64>,
-    /// Projections to adapt: q,k,v,o,gate,up,down.
-    #[arg(long, default_value = "q,k,v,o", requires = "lora_rank")]
-    lora_targets: String,
+    #[command(flatten)]
+    lora: LoraArgs,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceChoice,
 }
@@ -452,25 +467,12 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
         device: device::resolve(a.device)?,
         dtype: a.dtype,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        lora: lora_config(a.lora_rank, a.lora_alpha, &a.lora_targets)?,
+        lora: a.lora.config()?,
     };
     tch::manual_seed(cfg.seed as i64);
     let summary = sft::run(&cfg)?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
-}
-
-/// The adapter asked for by `--lora-rank/--lora-alpha/--lora-targets`, if any.
-fn lora_config(rank: Option<i64>, alpha: Option<f64>, targets: &str) -> anyhow::Result<Option<LoraConfig>> {
-    match rank {
-        None => Ok(None),
-        Some(rank) if rank <= 0 => anyhow::bail!("--lora-rank must be positive"),
-        Some(rank) => Ok(Some(LoraConfig {
-            rank,
-            lora_alpha: alpha.unwrap_or(2.0 * rank as f64),
-            target_modules: LoraConfig::parse_targets(targets).map_err(anyhow::Error::msg)?,
-        })),
-    }
 }
 
 fn run_grpo(a: GrpoArgs) -> anyhow::Result<()> {
@@ -497,7 +499,7 @@ fn run_grpo(a: GrpoArgs) -> anyhow::Result<()> {
         resume: a.resume,
         device: device::resolve(a.device)?,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        lora: lora_config(a.lora_rank, a.lora_alpha, &a.lora_targets)?,
+        lora: a.lora.config()?,
         ..RlConfig::new(a.policy, a.judge, a.data, a.out)
     };
     tch::manual_seed(cfg.seed as i64);

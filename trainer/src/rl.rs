@@ -30,7 +30,7 @@ use crate::checkpoint::CheckpointError;
 use crate::eval::{EvalSetting, answer_closed};
 use crate::generate::{self, Finish, SamplingParams};
 use crate::judge::{Judge, JudgeError, JudgeItem};
-use crate::lora::{self, LoraConfig};
+use crate::lora::LoraConfig;
 use crate::model_dir::{self, Dtype, LoadError, LoadedModel};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
 use crate::rng::Rng;
@@ -136,6 +136,8 @@ impl Default for RlConfig {
 pub enum RlError {
     #[error("cannot read {path}: {message}")]
     Read { path: PathBuf, message: String },
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
     #[error("{path}: {problems}")]
     Records { path: PathBuf, problems: String },
     #[error("{path}: {message}")]
@@ -424,15 +426,13 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
         return Err(RlError::Invalid("--temperature must be positive: a greedy group has no spread".into()));
     }
     let draws = load_tasks(cfg)?;
-    let weights_dir = match (&cfg.lora, &cfg.resume) {
-        (None, Some(dir)) => dir.as_path(),
-        _ => cfg.policy.as_path(),
-    };
-    let policy = model_dir::load_with_lora(weights_dir, cfg.device, Dtype::Fp32, cfg.lora.as_ref())?;
-    if let (Some(dir), Some(lora_vs)) = (&cfg.resume, &policy.lora_vs) {
-        lora::load_adapter(lora_vs, dir)?;
-    }
-    let config_json = sft::read_config_json(weights_dir)?;
+    let (policy, config_json) = sft::load_for_training(
+        &cfg.policy,
+        cfg.resume.as_deref(),
+        cfg.lora.as_ref(),
+        cfg.device,
+        Dtype::Fp32,
+    )?;
     let reference =
         if cfg.kl_coef > 0.0 { Some(model_dir::load(&cfg.policy, cfg.device, Dtype::Fp32)?) } else { None };
     let judge = Judge::load(&cfg.judge, cfg.device)?;
@@ -456,22 +456,12 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
         sft::save_model(cfg.lora.as_ref(), &cfg.policy, &policy, &config_json, dir, extra)
     };
 
-    let bar = if cfg.progress {
-        indicatif::ProgressBar::new(cfg.steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("grpo {bar:30} {pos}/{len} steps  {msg}  eta {eta}")
-            .expect("valid template"),
-    );
-    bar.set_position(start_step as u64);
+    let bar = sft::progress_bar("grpo", cfg.steps, start_step, cfg.progress);
     std::fs::create_dir_all(&cfg.out)
-        .map_err(|e| RlError::Read { path: cfg.out.clone(), message: e.to_string() })?;
+        .map_err(|e| RlError::Write { path: cfg.out.clone(), message: e.to_string() })?;
     let log_path = cfg.out.join("rl_log.jsonl");
     let started = Instant::now();
-    let (mut log, mut sampled_tokens, mut rollout_secs, mut rollout_count) =
-        (Vec::new(), 0usize, 0.0, 0usize);
+    let (mut log, mut sampled_tokens, mut rollout_count) = (Vec::new(), 0usize, 0usize);
     let (mut order, mut order_epoch) = (Vec::new(), usize::MAX);
     for step in start_step..cfg.steps {
         // Data order: a seeded shuffle per pass over the data.
@@ -480,8 +470,7 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
             .map(|i| {
                 let epoch = i / draws.len();
                 if epoch != order_epoch {
-                    order = (0..draws.len()).collect();
-                    Rng::new(cfg.seed.wrapping_add(epoch as u64)).shuffle(&mut order);
+                    order = sft::epoch_order(cfg.seed, epoch, draws.len());
                     order_epoch = epoch;
                 }
                 &draws[order[i % draws.len()]]
@@ -522,7 +511,6 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
             // continuations of one step-k group: they differ by the past they were given.
             groups.push(runner.sample(&prompts, &tasks, 1, sampling_seed(cfg.seed, step, 2))?);
         }
-        rollout_secs += t.elapsed().as_secs_f64();
         let rollout_seconds = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -573,15 +561,12 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
         let done = step + 1;
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done < cfg.steps {
             let state = TrainerState { step: done, seed: cfg.seed, total_steps: cfg.steps };
-            sft::save_checkpoint(&cfg.out, &opt, &state, |dir, extra| save(dir, extra))?;
+            sft::save_checkpoint(&cfg.out, &opt, &state, save)?;
         }
     }
     bar.finish_and_clear();
     sft::save_final(&cfg.out, |dir| save(dir, &|_| Ok(())))?;
-    Ok(RlSummary {
-        rollouts: rollout_count,
-        ..summarise(start_step, log, sampled_tokens, rollout_secs, started.elapsed().as_secs_f64())
-    })
+    Ok(summarise(start_step, log, sampled_tokens, rollout_count, started.elapsed().as_secs_f64()))
 }
 
 fn append_log(path: &Path, entry: &StepLog) -> Result<(), RlError> {
@@ -592,23 +577,24 @@ fn append_log(path: &Path, entry: &StepLog) -> Result<(), RlError> {
         .append(true)
         .open(path)
         .and_then(|mut f| writeln!(f, "{line}"))
-        .map_err(|e| RlError::Read { path: path.to_owned(), message: e.to_string() })
+        .map_err(|e| RlError::Write { path: path.to_owned(), message: e.to_string() })
 }
 
 fn summarise(
     start_step: usize,
     log: Vec<StepLog>,
     tokens: usize,
-    rollout_secs: f64,
+    rollouts: usize,
     seconds: f64,
 ) -> RlSummary {
+    let rollout_secs: f64 = log.iter().map(|s| s.rollout_seconds).sum();
     let k = (log.len() / 10).max(1).min(log.len());
     let mean = |v: &[StepLog], f: fn(&StepLog) -> f64| v.iter().map(f).sum::<f64>() / v.len().max(1) as f64;
     let (head, tail) = (&log[..k], &log[log.len() - k..]);
     RlSummary {
         steps: log.len(),
         start_step,
-        rollouts: 0,
+        rollouts,
         reward_first: mean(head, |s| s.reward),
         reward_last: mean(tail, |s| s.reward),
         acc_jud_first: mean(head, |s| s.acc_jud),

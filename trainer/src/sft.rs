@@ -239,6 +239,58 @@ pub fn response_logprobs(model: &Qwen2, examples: &[&Example], device: Device) -
         .squeeze_dim(-1)
 }
 
+/// What a training run starts from, and the `config.json` of the weights loaded: `base`;
+/// when resuming a full fine-tune, the checkpoint's weights; with `lora`, `base` with
+/// fresh adapters, or with the checkpoint's adapter when resuming (refused when it is
+/// not the adapter this run asks for).
+pub(crate) fn load_for_training(
+    base: &Path,
+    resume: Option<&Path>,
+    lora: Option<&LoraConfig>,
+    device: Device,
+    dtype: Dtype,
+) -> Result<(model_dir::LoadedModel, serde_json::Value), SftError> {
+    let weights_dir = match (lora, resume) {
+        (None, Some(dir)) => dir,
+        _ => base,
+    };
+    let loaded = model_dir::load_with_lora(weights_dir, device, dtype, lora)?;
+    let config_json = read_config_json(weights_dir)?;
+    if let (Some(lora), Some(dir), Some(lora_vs)) = (lora, resume, &loaded.lora_vs) {
+        let saved = LoraConfig::read(dir)?;
+        if &saved != lora {
+            return Err(SftError::Resume {
+                path: dir.display().to_string(),
+                message: format!("its adapter is {saved:?}, this run asks for {lora:?}"),
+            });
+        }
+        lora::load_adapter(lora_vs, dir)?;
+    }
+    Ok((loaded, config_json))
+}
+
+/// A training progress bar (`NAME [bar] pos/len steps  msg  eta`) starting at `start`;
+/// hidden unless `show`.
+pub(crate) fn progress_bar(name: &str, total: usize, start: usize, show: bool) -> indicatif::ProgressBar {
+    let bar = if show { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{name} {{bar:30}} {{pos}}/{{len}} steps  {{msg}}  eta {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    bar.set_position(start as u64);
+    bar
+}
+
+/// The order of `n` items in pass `epoch` over the data: a shuffle seeded by the run's
+/// seed and the epoch alone (so a resumed run sees the same order).
+pub(crate) fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::new(seed.wrapping_add(epoch as u64)).shuffle(&mut order);
+    order
+}
+
 pub(crate) fn read_config_json(dir: &Path) -> Result<serde_json::Value, SftError> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path)
@@ -325,27 +377,11 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         .map_err(|e| SftError::Read { path: cfg.data.display().to_string(), message: e.to_string() })?;
     let records = read_records::<ColdStartRecord>(&text)
         .map_err(|problems| SftError::Records { path: cfg.data.display().to_string(), problems })?;
-    // Full fine-tuning resumes all weights from the checkpoint; LoRA resumes only the
-    // adapter, on top of the base model.
-    let weights_dir = match (&cfg.lora, &cfg.resume) {
-        (None, Some(dir)) => dir.as_path(),
-        _ => cfg.model.as_path(),
-    };
-    let loaded = model_dir::load_with_lora(weights_dir, cfg.device, cfg.dtype, cfg.lora.as_ref())?;
-    let config_json = read_config_json(weights_dir)?;
+    let (loaded, config_json) =
+        load_for_training(&cfg.model, cfg.resume.as_deref(), cfg.lora.as_ref(), cfg.device, cfg.dtype)?;
     let save = |dir: &Path, extra: &dyn Fn(&Path) -> Result<(), CheckpointError>| {
         save_model(cfg.lora.as_ref(), &cfg.model, &loaded, &config_json, dir, extra)
     };
-    if let (Some(lora), Some(dir), Some(lora_vs)) = (&cfg.lora, &cfg.resume, &loaded.lora_vs) {
-        let saved = LoraConfig::read(dir)?;
-        if &saved != lora {
-            return Err(SftError::Resume {
-                path: dir.display().to_string(),
-                message: format!("its adapter is {saved:?}, this run asks for {lora:?}"),
-            });
-        }
-        lora::load_adapter(lora_vs, dir)?;
-    }
     let eos = *loaded.eos.first().ok_or_else(|| SftError::Invalid("the model has no eos_token_id".into()))?;
     let (examples, dropped) = tokenize(&records, &loaded.tokenizer, eos, cfg.max_length)?;
     if examples.is_empty() {
@@ -369,16 +405,7 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         start_step = resume_state(dir, &mut opt, cfg.seed, total_steps)?.step;
     }
 
-    let bar = if cfg.progress {
-        indicatif::ProgressBar::new(total_steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("sft {bar:30} {pos}/{len} steps  {msg}  eta {eta}")
-            .expect("valid template"),
-    );
-    bar.set_position(start_step as u64);
+    let bar = progress_bar("sft", total_steps, start_step, cfg.progress);
     let started = Instant::now();
     let mut tokens = 0u64;
     let mut losses = Vec::new();
@@ -387,8 +414,7 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;
         if epoch != order_epoch {
-            order = (0..examples.len()).collect();
-            Rng::new(cfg.seed.wrapping_add(epoch as u64)).shuffle(&mut order);
+            order = epoch_order(cfg.seed, epoch, examples.len());
             order_epoch = epoch;
         }
         let first = (step % steps_per_epoch) * per_step;
@@ -414,7 +440,7 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         let done = step + 1;
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done < total_steps {
             let state = TrainerState { step: done, seed: cfg.seed, total_steps };
-            save_checkpoint(&cfg.out, &opt, &state, |dir, extra| save(dir, extra))?;
+            save_checkpoint(&cfg.out, &opt, &state, save)?;
         }
     }
     bar.finish_and_clear();
