@@ -16,7 +16,7 @@ use crate::sft::{self, SftConfig, SftSummary};
 use crate::synth::{self, SynthConfig, SynthSummary};
 
 /// Bump when the recipe's code changes what it builds: old caches are then ignored.
-pub const RECIPE_VERSION: &str = "tiny-5";
+pub const RECIPE_VERSION: &str = "tiny-6";
 
 /// The recipe's knobs (all part of the cache key).
 #[derive(Debug, Clone, Serialize)]

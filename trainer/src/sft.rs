@@ -291,6 +291,32 @@ pub(crate) fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
     order
 }
 
+/// Steps whose examples a window of the shuffled order is sorted into by length.
+const LENGTH_GROUP_STEPS: usize = 8;
+
+/// [`epoch_order`] with examples of similar length put in the same step: each window of
+/// [`LENGTH_GROUP_STEPS`] steps is sorted by length, cut into steps, and the steps of
+/// the window shuffled again (so no step's position predicts its lengths). Rows of a
+/// micro-batch are padded to its longest, and with random batches of cold-start records
+/// ~20% of the rows' positions were padding; grouped, ~5%.
+pub(crate) fn length_grouped_order(seed: u64, epoch: usize, lengths: &[usize], per_step: usize) -> Vec<usize> {
+    let mut order = epoch_order(seed, epoch, lengths.len());
+    // A stream of its own, so the shuffle above stays what it was.
+    let mut rng = Rng::new(seed.wrapping_add(epoch as u64) ^ 0x6c65_6e67_7468);
+    let window = per_step * LENGTH_GROUP_STEPS;
+    for chunk in order.chunks_mut(window) {
+        chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        let mut steps: Vec<Vec<usize>> = chunk.chunks(per_step).map(<[usize]>::to_vec).collect();
+        // A short last step stays last: only the last window of an epoch is short.
+        let full = steps.iter().filter(|s| s.len() == per_step).count();
+        rng.shuffle(&mut steps[..full]);
+        for (slot, i) in chunk.iter_mut().zip(steps.into_iter().flatten()) {
+            *slot = i;
+        }
+    }
+    order
+}
+
 pub(crate) fn read_config_json(dir: &Path) -> Result<serde_json::Value, SftError> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path)
@@ -393,6 +419,7 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
     }
     let per_step = cfg.batch_size * cfg.grad_accum;
     let steps_per_epoch = examples.len().div_ceil(per_step);
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     let total_steps = cfg.max_steps.unwrap_or(usize::MAX).min(steps_per_epoch * cfg.epochs);
 
     let trained = loaded.lora_vs.as_ref().unwrap_or(&loaded.vs);
@@ -414,7 +441,7 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;
         if epoch != order_epoch {
-            order = epoch_order(cfg.seed, epoch, examples.len());
+            order = length_grouped_order(cfg.seed, epoch, &lengths, per_step);
             order_epoch = epoch;
         }
         let first = (step % steps_per_epoch) * per_step;
@@ -456,4 +483,41 @@ pub fn run(cfg: &SftConfig) -> Result<SftSummary, SftError> {
         losses,
         start_step,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Positions a run of steps computes, each row padded to its step's longest.
+    fn padded(order: &[usize], lengths: &[usize], per_step: usize) -> usize {
+        order.chunks(per_step).map(|s| s.len() * s.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum()
+    }
+
+    #[test]
+    fn length_grouping_is_a_permutation_with_less_padding_and_the_same_for_a_seed() {
+        let mut rng = Rng::new(7);
+        let lengths: Vec<usize> = (0..1_000).map(|_| 300 + (rng.next_u64() % 400) as usize).collect();
+        let grouped = length_grouped_order(3, 1, &lengths, 16);
+        let mut sorted = grouped.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..lengths.len()).collect::<Vec<_>>());
+        assert_eq!(grouped, length_grouped_order(3, 1, &lengths, 16));
+        assert_ne!(grouped, length_grouped_order(3, 2, &lengths, 16));
+        let random = padded(&epoch_order(3, 1, lengths.len()), &lengths, 16);
+        let real: usize = lengths.iter().sum();
+        let grouped = padded(&grouped, &lengths, 16);
+        assert!(grouped < random, "grouped {grouped} vs random {random}");
+        assert!((grouped - real) * 4 < random - real, "padding {} vs {}", grouped - real, random - real);
+    }
+
+    #[test]
+    fn length_grouped_steps_are_not_ordered_by_length() {
+        let lengths: Vec<usize> = (0..16 * 8).collect();
+        let order = length_grouped_order(0, 0, &lengths, 16);
+        let longest: Vec<usize> = order.chunks(16).map(|s| s.iter().map(|&i| lengths[i]).max().unwrap()).collect();
+        let mut descending = longest.clone();
+        descending.sort_unstable_by(|a, b| b.cmp(a));
+        assert_ne!(longest, descending, "steps came out sorted: {longest:?}");
+    }
 }
