@@ -274,6 +274,23 @@ pub fn start_prometheus(target: SocketAddr) -> anyhow::Result<Service> {
     Ok(service)
 }
 
+/// A Prometheus Pushgateway (Debian's `prometheus-pushgateway`) on a free port, storing
+/// in memory.
+pub fn start_pushgateway() -> anyhow::Result<Service> {
+    let port = free_port()?;
+    let dir = tempfile::tempdir()?;
+    let args = vec![format!("--web.listen-address=127.0.0.1:{port}")];
+    let service = spawn("pushgateway", Path::new("prometheus-pushgateway"), &args, port, dir)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(service.addr(), "/-/ready").map(|(status, _)| status).ok() != Some(200) {
+        if Instant::now() > deadline {
+            bail!("pushgateway not ready after 30s:\n{}", service.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(service)
+}
+
 /// `GET path` over plain HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     http_request(addr, "GET", path)

@@ -100,11 +100,25 @@ pub fn scenario(users: usize, signals: usize, invalid_per_mille: u64, seed: u64)
 /// Produces messages to the input topic (keyed, so each user stays in one partition) and
 /// waits until the broker has them all.
 pub fn produce(brokers: &str, messages: &[Produced]) -> anyhow::Result<()> {
-    let producer: BaseProducer = ClientConfig::new()
+    produce_with(brokers, messages, &[])
+}
+
+/// [`produce`] one message per batch: tansu's high watermarks are then right (DESIGN.md
+/// §8), for readers that stop at them as they would on Kafka (`build-dataset`).
+pub fn produce_unbatched(brokers: &str, messages: &[Produced]) -> anyhow::Result<()> {
+    produce_with(brokers, messages, &[("batch.num.messages", "1")])
+}
+
+fn produce_with(brokers: &str, messages: &[Produced], settings: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
+        .set("queue.buffering.max.messages", "1000000");
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
+    let producer: BaseProducer = config.create()?;
     for m in messages {
         let mut record =
             BaseRecord::to(keys::SIGNALS_TOPIC).key(m.key.as_bytes()).payload(m.payload.as_slice());
@@ -228,9 +242,15 @@ pub fn committed(brokers: &str, group: &str) -> anyhow::Result<BTreeMap<i32, i64
 /// `alignx-consumer`, built by the workspace build next to this binary (the demo) or one
 /// directory up (test binaries live in `deps/`).
 pub fn consumer_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("alignx-consumer")
+}
+
+/// A binary of the workspace (`alignx-consumer`, `alignx-trainer`), found as
+/// [`consumer_binary`] says.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let here = exe.parent().context("binary has no directory")?;
-    let candidates = [here.join("alignx-consumer"), here.parent().unwrap_or(here).join("alignx-consumer")];
+    let candidates = [here.join(name), here.parent().unwrap_or(here).join(name)];
     candidates.iter().find(|b| b.exists()).cloned().with_context(|| {
         format!(
             "{} not built: run through `make test` or `make demo` (a workspace build)",

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use alignx_schemas::prompt::{Evidence, Setting, Templates};
-use alignx_schemas::training::{EvalRecord, HistoryPair, read_records};
+use alignx_schemas::training::{Choice, EvalRecord, HistoryPair, RlRecord, read_records};
 use serde::Serialize;
 use tch::Device;
 
@@ -84,21 +84,44 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
-fn score(
+/// One judged comparison: the post, the two responses as shown, and the user's choice.
+#[derive(Debug, Clone, Copy)]
+pub struct Judged<'a> {
+    pub post: &'a str,
+    pub a: &'a str,
+    pub b: &'a str,
+    pub answer: Choice,
+}
+
+impl<'a> From<&'a EvalRecord> for Judged<'a> {
+    fn from(r: &'a EvalRecord) -> Self {
+        Self { post: &r.prompt, a: &r.response_a, b: &r.response_b, answer: r.answer }
+    }
+}
+
+impl<'a> From<&'a RlRecord> for Judged<'a> {
+    fn from(r: &'a RlRecord) -> Self {
+        let c = &r.comparison;
+        Self { post: &c.task, a: &c.response_a, b: &c.response_b, answer: r.ground_truth }
+    }
+}
+
+/// ACC_jud of `summaries` (one per item) on `items`.
+pub fn score(
     judge: &Judge,
-    records: &[EvalRecord],
+    items: &[Judged<'_>],
     summaries: &[&str],
     batch: usize,
 ) -> Result<Score, EvalError> {
-    let items: Vec<JudgeItem<'_>> = records
+    let judged: Vec<JudgeItem<'_>> = items
         .iter()
         .zip(summaries)
-        .map(|(r, s)| JudgeItem { post: &r.prompt, summary: s, a: &r.response_a, b: &r.response_b })
+        .map(|(r, s)| JudgeItem { post: r.post, summary: s, a: r.a, b: r.b })
         .collect();
-    let p = judge.prob_a(&items, batch)?;
+    let p = judge.prob_a(&judged, batch)?;
     let (mut acc, mut soft) = (0.0, 0.0);
-    for (r, pa) in records.iter().zip(&p) {
-        let right = if r.answer == alignx_schemas::training::Choice::A { *pa } else { 1.0 - pa };
+    for (r, pa) in items.iter().zip(&p) {
+        let right = if r.answer == Choice::A { *pa } else { 1.0 - pa };
         soft += right;
         acc += if right > 0.5 {
             1.0
@@ -108,7 +131,7 @@ fn score(
             0.0
         };
     }
-    let n = records.len() as f64;
+    let n = items.len().max(1) as f64;
     Ok(Score { acc_jud: acc / n, soft: soft / n })
 }
 
@@ -210,10 +233,11 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
     }
     let judge = Judge::load(&cfg.judge, cfg.device)?;
     let batch = cfg.batch_size.max(1);
+    let items: Vec<Judged<'_>> = records.iter().map(Judged::from).collect();
     let none: Vec<&str> = vec![""; records.len()];
-    let no_summary = score(&judge, &records, &none, batch)?;
+    let no_summary = score(&judge, &items, &none, batch)?;
     let latent = match records.iter().map(|r| r.latent_summary.as_deref()).collect::<Option<Vec<&str>>>() {
-        Some(s) => Some(score(&judge, &records, &s, batch)?),
+        Some(s) => Some(score(&judge, &items, &s, batch)?),
         None => None,
     };
 
@@ -236,7 +260,7 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
         failures = summaries.iter().filter(|s| s.is_none()).count();
         examples = summaries.iter().take(3).map(|s| s.clone().unwrap_or_default()).collect();
         let per_item: Vec<&str> = of.iter().map(|&h| summaries[h].as_deref().unwrap_or("")).collect();
-        policy_score = Some(score(&judge, &records, &per_item, batch)?);
+        policy_score = Some(score(&judge, &items, &per_item, batch)?);
     }
     Ok(EvalReport {
         data: cfg.data.display().to_string(),
@@ -250,4 +274,20 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
         examples,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Greedy summaries of `rl_train`-format records: each record's problem text (for logged
+/// data, the prompt state the consumer served) wrapped as `policy_dir`'s model sees it.
+pub fn summarise_records(
+    policy: &LoadedModel,
+    policy_dir: &std::path::Path,
+    templates: &Templates,
+    records: &[RlRecord],
+    max_new_tokens: usize,
+    batch: usize,
+    device: Device,
+) -> Result<Vec<Option<String>>, EvalError> {
+    let bos = alignx_schemas::prompt::bos_text(policy_dir);
+    let prompts: Vec<String> = records.iter().map(|r| templates.wrap(&bos, &r.value)).collect();
+    summarise(policy, &prompts, max_new_tokens, batch, device)
 }

@@ -5,15 +5,20 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use alignx_schemas::prompt::Templates;
+use alignx_trainer::dataset::{self, DatasetConfig};
 use alignx_trainer::device::{self, DeviceChoice};
 use alignx_trainer::eval::{self, EvalConfig, EvalSetting};
 use alignx_trainer::generate::{self, SamplingParams};
 use alignx_trainer::init::{self, Preset};
+use alignx_trainer::kafka::KafkaSource;
 use alignx_trainer::lora::LoraConfig;
 use alignx_trainer::model_dir::{self, Dtype};
+use alignx_trainer::model_store::{ModelStore, RedisPointer, VersionMeta};
 use alignx_trainer::onnx::export::{self, ExportDtype, ExportOptions, KvLayout, Logits};
 use alignx_trainer::prompt_cmd::{self, SettingArg};
 use alignx_trainer::recipe::{self, TinyRecipe};
+use alignx_trainer::retrain::{self, RetrainConfig};
 use alignx_trainer::rl::{self, RlConfig};
 use alignx_trainer::sft::{self, SftConfig};
 use alignx_trainer::synth::{self, SynthConfig};
@@ -77,6 +82,27 @@ enum Command {
         /// place — faster decoding in alignx-consumer, which is the only server for it.
         #[arg(long, value_enum, default_value = "optimum")]
         kv_cache: KvLayout,
+    },
+    /// Build RL records from what the consumer logged: each logged update (previous
+    /// summary + window) with the user's next `pair` signal as ground truth, users split
+    /// into train/holdout by a seeded hash. Writes rl_train.jsonl, rl_holdout.jsonl,
+    /// streaming_rl_train.jsonl, streaming_rl_holdout.jsonl and dataset_stats.json;
+    /// prints the stats.
+    BuildDataset(BuildDatasetArgs),
+    /// The periodic job: build the dataset from the inference log, GRPO from the version
+    /// being served, ACC_jud of both on the holdout users, and promote the candidate (new
+    /// version in the store, `current` symlink and `alignx:model:current` re-pointed)
+    /// only if it is not worse. Prints a JSON report; outcome promoted, kept (with why),
+    /// no_new_data (same data as last time) or busy (another run holds the store's lock).
+    Retrain(Box<RetrainArgs>),
+    /// Publish a model directory as a new version of a model store and serve it (the
+    /// first version, or a manual promotion/rollback target). Prints the version id.
+    Publish {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Policy model directory (HF layout, e.g. an SFT output); copied into the store.
+        #[arg(long)]
+        policy: PathBuf,
     },
     /// Fold a LoRA adapter into its base model, writing a plain model directory.
     MergeLora {
@@ -352,6 +378,192 @@ struct GrpoArgs {
     device: DeviceChoice,
 }
 
+/// Where the inference log and the signals are read from: JSONL dumps, or the topics.
+#[derive(Debug, Args)]
+struct DataSourceArgs {
+    /// JSONL dump of the inference-log topic (one record per line). With
+    /// --signals-jsonl, instead of Kafka.
+    #[arg(long, requires = "signals_jsonl", conflicts_with = "brokers")]
+    log_jsonl: Option<PathBuf>,
+    /// JSONL dump of signals: `{partition, offset, signal}` per line, or bare
+    /// alignx.signal.v1 objects in stream order.
+    #[arg(long, requires = "log_jsonl")]
+    signals_jsonl: Option<PathBuf>,
+    /// Kafka bootstrap servers: both topics are read whole, up to their ends at start.
+    #[arg(long, env = "ALIGNX_BROKERS")]
+    brokers: Option<String>,
+    #[arg(long, default_value = alignx_schemas::keys::INFERENCE_LOG_TOPIC)]
+    log_topic: String,
+    #[arg(long, default_value = alignx_schemas::keys::SIGNALS_TOPIC)]
+    signals_topic: String,
+    /// Consumer group of the reader (offsets are never committed).
+    #[arg(long, default_value = "alignx-trainer-dataset")]
+    group: String,
+    /// Extra librdkafka setting KEY=VALUE (repeatable): security.protocol, sasl.*, ssl.*.
+    #[arg(long = "kafka-setting", value_parser = parse_key_value)]
+    kafka_settings: Vec<(String, String)>,
+    /// Seconds to wait for the broker (metadata, and between messages).
+    #[arg(long, default_value_t = 30)]
+    kafka_timeout_s: u64,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    Ok((k.trim().to_owned(), v.to_owned()))
+}
+
+impl DataSourceArgs {
+    fn source(&self) -> anyhow::Result<dataset::Source> {
+        match (&self.log_jsonl, &self.signals_jsonl, &self.brokers) {
+            (Some(log), Some(signals), _) => {
+                Ok(dataset::Source::Files { log: log.clone(), signals: signals.clone() })
+            }
+            (_, _, Some(brokers)) => Ok(dataset::Source::Kafka {
+                kafka: KafkaSource {
+                    brokers: brokers.clone(),
+                    group: self.group.clone(),
+                    settings: self.kafka_settings.clone(),
+                    timeout: std::time::Duration::from_secs(self.kafka_timeout_s.max(1)),
+                },
+                log_topic: self.log_topic.clone(),
+                signals_topic: self.signals_topic.clone(),
+            }),
+            _ => anyhow::bail!("give --brokers (read the topics) or --log-jsonl and --signals-jsonl (dumps)"),
+        }
+    }
+}
+
+/// How logged updates become records.
+#[derive(Debug, Args)]
+struct DatasetArgs {
+    /// `streaming`: rl_train prompts carry the previous summary the consumer had (as it
+    /// served them); `base`: the window alone.
+    #[arg(long, value_enum, default_value = "streaming")]
+    dataset_setting: EvalSetting,
+    /// Share of users held out (a seeded hash of the user id: stable as the log grows).
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Seeds the split and each comparison's A/B order.
+    #[arg(long, default_value_t = 0)]
+    dataset_seed: u64,
+    /// TOML file overriding prompt templates (the consumer's, if it overrides them).
+    #[arg(long, env = "ALIGNX_TEMPLATES")]
+    templates: Option<PathBuf>,
+}
+
+impl DatasetArgs {
+    fn config(&self) -> anyhow::Result<DatasetConfig> {
+        let templates = match &self.templates {
+            Some(path) => Templates::from_file(path)?,
+            None => Templates::default(),
+        };
+        Ok(DatasetConfig {
+            setting: self.dataset_setting,
+            holdout: self.holdout,
+            seed: self.dataset_seed,
+            templates,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct BuildDatasetArgs {
+    #[command(flatten)]
+    source: DataSourceArgs,
+    #[command(flatten)]
+    dataset: DatasetArgs,
+    /// Output directory (created; its files are replaced).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// The model store and the pointers to its served version.
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// Model store: versions/ (served ONNX directories), policies/ (their trainable
+    /// weights) and the symlink to the served version.
+    #[arg(long = "model-store", env = "ALIGNX_MODEL_STORE")]
+    store: PathBuf,
+    /// Name of the store's symlink to the served version (what the consumer's
+    /// --model-dir points at).
+    #[arg(long, default_value = alignx_trainer::model_store::CURRENT_LINK)]
+    current_link: String,
+    /// Redis URL: the served version is read from, and promotion also writes,
+    /// `alignx:model:current` (which the consumer prefers to the symlink when set).
+    #[arg(long = "redis-url", env = "ALIGNX_REDIS_URL")]
+    redis: Option<String>,
+    /// File holding the Redis password (kept out of URLs and arguments).
+    #[arg(long, env = "ALIGNX_REDIS_PASSWORD_FILE")]
+    redis_password_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn redis(&self) -> anyhow::Result<Option<RedisPointer>> {
+        let Some(url) = &self.redis else { return Ok(None) };
+        let password = match &self.redis_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("Redis password file {}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(Some(RedisPointer { url: url.clone(), password }))
+    }
+
+    fn open(&self) -> anyhow::Result<ModelStore> {
+        Ok(ModelStore::open_with_link(&self.store, &self.current_link)?)
+    }
+}
+
+#[derive(Debug, Args)]
+struct RetrainArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Judge model directory (the reward and the promotion gate).
+    #[arg(long, env = "ALIGNX_JUDGE")]
+    judge: PathBuf,
+    /// Pushgateway URL (http://host:port): alignx_trainer_* metrics of the run are pushed.
+    #[arg(long, env = "ALIGNX_PUSHGATEWAY")]
+    pushgateway: Option<String>,
+    /// Promote when candidate ACC_jud ≥ current − this (a share: 0.02 = 2 points; a
+    /// negative value demands a gain).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    tolerance: f64,
+    #[command(flatten)]
+    source: DataSourceArgs,
+    #[command(flatten)]
+    dataset: DatasetArgs,
+    /// `base`: GRPO on each logged prompt state (rl_train.jsonl); `streaming`: two
+    /// consecutive updates of a user, the first's sample in the second's prompt.
+    #[arg(long, value_enum, default_value = "base")]
+    rl_setting: EvalSetting,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = RlConfig::default().prompts_per_step)]
+    prompts_per_step: usize,
+    #[arg(long, default_value_t = RlConfig::default().group_size)]
+    group_size: usize,
+    #[arg(long, default_value_t = RlConfig::default().temperature)]
+    temperature: f64,
+    #[arg(long, default_value_t = RlConfig::default().max_new_tokens)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = RlConfig::default().lr)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    kl_coef: f64,
+    #[arg(long, value_enum, default_value = "hard")]
+    reward_mode: RewardMode,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Summaries per forward pass in the holdout evaluation.
+    #[arg(long, default_value_t = 32)]
+    eval_batch: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum RewardMode {
     Hard,
@@ -554,6 +766,100 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_build_dataset(a: BuildDatasetArgs) -> anyhow::Result<()> {
+    let stats = dataset::run(&a.dataset.config()?, &a.source.source()?, &a.out)?;
+    warn_dataset(&stats);
+    println!("{}", serde_json::to_string_pretty(&stats)?);
+    Ok(())
+}
+
+/// Says on stderr what was dropped, so a thin dataset is never a silent surprise.
+fn warn_dataset(s: &dataset::DatasetStats) {
+    if s.no_later_pair > 0 {
+        eprintln!("warning: {} logged updates have no later pair signal (not used)", s.no_later_pair);
+    }
+    if s.prompt_mismatch > 0 {
+        eprintln!(
+            "warning: {} logged prompts differ from the prompts re-rendered with these templates \
+             (pass the consumer's --templates)",
+            s.prompt_mismatch
+        );
+    }
+    if s.unreadable_messages > 0 {
+        eprintln!(
+            "warning: {} messages were neither valid signals nor log records (skipped)",
+            s.unreadable_messages
+        );
+    }
+    if s.rl_holdout == 0 {
+        eprintln!("warning: no holdout records (raise --holdout or log more users)");
+    }
+}
+
+/// How store versions are exported: what the consumer serves fastest.
+fn store_export() -> ExportOptions {
+    ExportOptions { logits: Logits::Last, kv_layout: KvLayout::Shared, ..Default::default() }
+}
+
+fn run_retrain(a: RetrainArgs) -> anyhow::Result<()> {
+    let device = device::resolve(a.device)?;
+    let cfg = RetrainConfig {
+        store: a.store.store.clone(),
+        current_link: a.store.current_link.clone(),
+        redis: a.store.redis()?,
+        source: a.source.source()?,
+        dataset: a.dataset.config()?,
+        judge: a.judge,
+        rl: RlConfig {
+            setting: a.rl_setting,
+            steps: a.steps,
+            prompts_per_step: a.prompts_per_step,
+            group_size: a.group_size,
+            temperature: a.temperature,
+            max_new_tokens: a.max_new_tokens,
+            lr: a.lr,
+            kl_coef: a.kl_coef,
+            soft_reward: matches!(a.reward_mode, RewardMode::Soft),
+            seed: a.seed,
+            device,
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            ..RlConfig::default()
+        },
+        tolerance: a.tolerance,
+        eval_max_new_tokens: a.max_new_tokens,
+        eval_batch: a.eval_batch,
+        pushgateway: a.pushgateway,
+        export: store_export(),
+        device,
+    };
+    tch::manual_seed(cfg.rl.seed as i64);
+    let report = retrain::run(&cfg)?;
+    if let Some(stats) = &report.dataset {
+        warn_dataset(stats);
+    }
+    eprintln!("retrain: {}: {}", report.outcome.as_str(), report.reason);
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn run_publish(args: &StoreArgs, policy: &std::path::Path) -> anyhow::Result<()> {
+    let store = args.open()?;
+    let redis = args.redis()?;
+    let _lock = store.try_lock()?.context("another retrain or publish holds the model store's lock")?;
+    let meta = VersionMeta {
+        id: String::new(),
+        parent: store.current(redis.as_ref()).ok().map(|v| v.id),
+        created_unix_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        dataset_hash: None,
+        notes: serde_json::json!({"published_from": policy.display().to_string()}),
+    };
+    let version = store.publish(policy, false, meta, &store_export())?;
+    store.point(&version, redis.as_ref())?;
+    eprintln!("published {} and serving it ({})", version.id, version.served.display());
+    println!("{}", version.id);
+    Ok(())
+}
+
 fn run_synth(a: SynthArgs) -> anyhow::Result<()> {
     let cfg = SynthConfig {
         users: a.users,
@@ -631,6 +937,9 @@ fn main() -> ExitCode {
         Command::Sft(args) => report(run_sft(args)),
         Command::Synth(args) => report(run_synth(args)),
         Command::Grpo(args) => report(run_grpo(args)),
+        Command::BuildDataset(args) => report(run_build_dataset(args)),
+        Command::Retrain(args) => report(run_retrain(*args)),
+        Command::Publish { store, policy } => report(run_publish(&store, &policy)),
         Command::Recipe { recipe: RecipeCommand::Tiny(args) } => report(run_recipe(args)),
         Command::Eval(args) => report(run_eval(args)),
         Command::ExportOnnx { model, out, dtype, logits, kv_cache } => {
@@ -651,5 +960,14 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks (unique names, valid defaults) over every command.
+    #[test]
+    fn the_cli_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -299,7 +299,12 @@ const LENGTH_GROUP_STEPS: usize = 8;
 /// the window shuffled again (so no step's position predicts its lengths). Rows of a
 /// micro-batch are padded to its longest, and with random batches of cold-start records
 /// ~20% of the rows' positions were padding; grouped, ~5%.
-pub(crate) fn length_grouped_order(seed: u64, epoch: usize, lengths: &[usize], per_step: usize) -> Vec<usize> {
+pub(crate) fn length_grouped_order(
+    seed: u64,
+    epoch: usize,
+    lengths: &[usize],
+    per_step: usize,
+) -> Vec<usize> {
     let mut order = epoch_order(seed, epoch, lengths.len());
     // A stream of its own, so the shuffle above stays what it was.
     let mut rng = Rng::new(seed.wrapping_add(epoch as u64) ^ 0x6c65_6e67_7468);
@@ -515,7 +520,8 @@ mod tests {
     fn length_grouped_steps_are_not_ordered_by_length() {
         let lengths: Vec<usize> = (0..16 * 8).collect();
         let order = length_grouped_order(0, 0, &lengths, 16);
-        let longest: Vec<usize> = order.chunks(16).map(|s| s.iter().map(|&i| lengths[i]).max().unwrap()).collect();
+        let longest: Vec<usize> =
+            order.chunks(16).map(|s| s.iter().map(|&i| lengths[i]).max().unwrap()).collect();
         let mut descending = longest.clone();
         descending.sort_unstable_by(|a, b| b.cmp(a));
         assert_ne!(longest, descending, "steps came out sorted: {longest:?}");
