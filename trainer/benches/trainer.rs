@@ -1,13 +1,16 @@
-//! `make bench` (trainer part): SFT throughput on the tiny preset, and generation
-//! throughput with the KV cache against recomputing the whole sequence each step, side
-//! by side in one run. Writes JSON to the path given as the first argument.
+//! `make bench` (trainer part): SFT throughput on the tiny preset, generation throughput
+//! with the KV cache against recomputing the whole sequence each step, side by side in
+//! one run, and GRPO's rollout tokens/s and optimizer step time. Writes JSON to the path
+//! given as the first argument.
 
 use std::path::Path;
 use std::time::Instant;
 
+use alignx_schemas::training::{Choice, Comparison, RlRecord};
 use alignx_trainer::generate::{SamplingParams, generate};
 use alignx_trainer::init::{Preset, init};
 use alignx_trainer::model_dir::{self, Dtype};
+use alignx_trainer::rl::{self, RlConfig};
 use alignx_trainer::sft::{SftConfig, run};
 use serde_json::json;
 use tch::{Device, Tensor};
@@ -86,6 +89,38 @@ fn main() {
     generation["kv_cache_speedup_batch_1"] =
         json!(generation["cached_batch_1_tokens_per_s"].as_f64().unwrap() / uncached_tps);
 
+    // GRPO on the SFT model (also the judge: scoring is one forward pass either way).
+    let rl_data = dir.path().join("rl.jsonl");
+    let records: String = (0..64)
+        .map(|i| {
+            let (chosen, rejected) =
+                (format!("Kind {} reply.", i % 7), format!("Kind {} reply.", (i + 3) % 7));
+            let record = RlRecord {
+                value: format!("This is the problem:\nuser {i} prefers replies of kind {}", i % 7),
+                comparison: Comparison {
+                    task: "Answer the user.".into(),
+                    chosen: chosen.clone(),
+                    rejected: rejected.clone(),
+                    response_a: chosen,
+                    response_b: rejected,
+                    answer: Choice::A,
+                },
+                ground_truth: Choice::A,
+            };
+            serde_json::to_string(&record).unwrap() + "\n"
+        })
+        .collect();
+    std::fs::write(&rl_data, records).unwrap();
+    let sft_model = dir.path().join("sft");
+    let grpo = rl::run(&RlConfig {
+        steps: 4,
+        prompts_per_step: 8,
+        group_size: 4,
+        max_new_tokens: NEW_TOKENS,
+        ..RlConfig::new(&sft_model, &sft_model, &rl_data, dir.path().join("rl"))
+    })
+    .unwrap();
+
     let report = json!({
         "machine": format!("{} cores, OMP_NUM_THREADS={}", std::thread::available_parallelism().map_or(0, |n| n.get()),
             std::env::var("OMP_NUM_THREADS").unwrap_or_default()),
@@ -93,6 +128,9 @@ fn main() {
         "sft": {"steps": sft.steps, "batch_size": 16, "tokens": sft.tokens, "seconds": sft.seconds,
                 "tokens_per_second": sft.tokens_per_second, "first_loss": sft.losses[0], "last_loss": sft.losses.last()},
         "generation": generation,
+        "grpo": {"steps": grpo.steps, "prompts_per_step": 8, "group_size": 4, "max_new_tokens": NEW_TOKENS,
+                 "rollouts": grpo.rollouts, "rollout_tokens_per_second": grpo.rollout_tokens_per_second,
+                 "update_seconds_per_step": grpo.update_seconds_per_step, "seconds": grpo.seconds},
         "prompt_tokens": prompt.len(),
         "new_tokens": NEW_TOKENS,
     });

@@ -260,14 +260,21 @@ fn train_and_judge(
     let gate = judge_both(cfg, &current.policy, &candidate_dir, &data.rl_holdout)?;
     report.gate = Some(gate.clone());
     if gate.candidate + cfg.tolerance < gate.current {
-        let reason = format!(
-            "candidate ACC_jud {:.1}% is below {}'s {:.1}% by more than the tolerance ({:.1} points) on {} holdout items",
-            100.0 * gate.candidate,
-            current.id,
-            100.0 * gate.current,
-            100.0 * cfg.tolerance,
-            gate.items
-        );
+        let (candidate, served, points) =
+            (100.0 * gate.candidate, 100.0 * gate.current, 100.0 * cfg.tolerance);
+        let reason = if cfg.tolerance >= 0.0 {
+            format!(
+                "candidate ACC_jud {candidate:.1}% is below {}'s {served:.1}% by more than the tolerance \
+                 ({points:.1} points) on {} holdout items",
+                current.id, gate.items
+            )
+        } else {
+            format!(
+                "candidate ACC_jud {candidate:.1}% does not beat {}'s {served:.1}% by the {:.1} points required \
+                 on {} holdout items",
+                current.id, -points, gate.items
+            )
+        };
         return Ok((Outcome::Refused, reason));
     }
     // The run's own leftovers are not part of the version.
