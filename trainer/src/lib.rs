@@ -17,7 +17,8 @@
 //! - [`qwen2`]: the Qwen2 decoder with HF parameter names and a caller-owned KV cache.
 //! - [`recipe`]: `alignx-trainer recipe tiny`, the cached end-to-end tiny model build.
 //! - [`retrain`]: `alignx-trainer retrain`, dataset → GRPO → gate → promotion, locked.
-//! - [`rl`]: `alignx-trainer grpo`, GRPO with the judge reward, base and streaming.
+//! - [`rgen`]: R_gen, the generator's log-prob margin for the chosen response with a summary.
+//! - [`rl`]: `alignx-trainer grpo`, GRPO with the judge reward or R_gen, base and streaming.
 //! - [`rng`]: the seeded SplitMix64 RNG behind sampling and data order.
 //! - [`sft`]: `alignx-trainer sft`, response-only loss, exact resumes.
 //! - [`synth`]: `alignx-trainer synth`, the deterministic synthetic preference world.
@@ -43,6 +44,7 @@ pub mod prompt_cmd;
 pub mod qwen2;
 pub mod recipe;
 pub mod retrain;
+pub mod rgen;
 pub mod rl;
 pub mod rng;
 pub mod sft;

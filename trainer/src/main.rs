@@ -19,7 +19,7 @@ use alignx_trainer::onnx::export::{self, ExportDtype, ExportOptions, KvLayout, L
 use alignx_trainer::prompt_cmd::{self, SettingArg};
 use alignx_trainer::recipe::{self, TinyRecipe};
 use alignx_trainer::retrain::{self, RetrainConfig};
-use alignx_trainer::rl::{self, RlConfig};
+use alignx_trainer::rl::{self, RewardKind, RlConfig};
 use alignx_trainer::sft::{self, SftConfig};
 use alignx_trainer::synth::{self, SynthConfig};
 use anyhow::Context;
@@ -308,9 +308,17 @@ struct GrpoArgs {
     /// Policy model directory to start from (an SFT policy); also the KL reference.
     #[arg(long)]
     policy: PathBuf,
-    /// Judge model directory (scores A vs B by next-token log-probabilities).
-    #[arg(long)]
+    /// Judge model directory (scores A vs B by next-token log-probabilities); with
+    /// `--reward gen`, the generator model whose log-probabilities R_gen compares.
+    #[arg(long, visible_alias = "generator")]
     judge: PathBuf,
+    /// `jud`: the judge picks the user's choice reading the summary; `gen`: the summary
+    /// raises the generator's log-prob margin of chosen over rejected by more than τ.
+    #[arg(long, value_enum, default_value = "jud")]
+    reward: RewardKind,
+    /// R_gen's margin τ (log-probability units).
+    #[arg(long, default_value_t = alignx_trainer::rgen::DEFAULT_MARGIN)]
+    margin: f64,
     /// `rl_train` records (base setting) or `streaming_rl_train` records (streaming),
     /// JSON array or JSON Lines.
     #[arg(long)]
@@ -357,8 +365,8 @@ struct GrpoArgs {
     /// Keep advantages as reward − group mean, not divided by the group's std.
     #[arg(long)]
     no_std_normalize: bool,
-    /// `hard`: 1 when the judge picks the user's choice, else 0; `soft`: the judge's
-    /// probability of the user's choice.
+    /// `hard`: 1 when the judge picks the user's choice (R_gen: the margin exceeds τ),
+    /// else 0; `soft`: the judge's probability of the user's choice (R_gen: σ(margin − τ)).
     #[arg(long, value_enum, default_value = "hard")]
     reward_mode: RewardMode,
     /// Optimizer updates per batch of rollouts.
@@ -705,6 +713,8 @@ fn run_grpo(a: GrpoArgs) -> anyhow::Result<()> {
         kl_coef: a.kl_coef,
         std_normalize: !a.no_std_normalize,
         soft_reward: matches!(a.reward_mode, RewardMode::Soft),
+        reward: a.reward,
+        margin: a.margin,
         ppo_epochs: a.ppo_epochs,
         seed: a.seed,
         save_every: a.save_every,

@@ -1,6 +1,7 @@
 //! `alignx-trainer grpo`: reinforcement learning of the policy with the judge reward
 //! R_jud (DESIGN.md §6, the paper's method): a summary is good when a judge reading it
-//! picks the response the user really chose next.
+//! picks the response the user really chose next — or with R_gen ([`crate::rgen`]): when
+//! it makes a generator likelier to write that response.
 //!
 //! Each step samples a group of summaries per prompt with the KV-cached sampler, scores
 //! each (format gate: no closed `<answer>` → reward 0; else the judge's verdict, hard 0/1
@@ -33,8 +34,19 @@ use crate::judge::{Judge, JudgeError, JudgeItem};
 use crate::lora::LoraConfig;
 use crate::model_dir::{self, Dtype, LoadError, LoadedModel};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
+use crate::rgen::{self, GenItem, Generator};
 use crate::rng::Rng;
 use crate::sft::{self, Example, SftError, TrainerState};
+
+/// Which reward scores a summary (DESIGN.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RewardKind {
+    /// The judge picks the user's choice reading the summary.
+    Jud,
+    /// The summary makes a generator likelier to write the user's choice (margin τ).
+    Gen,
+}
 
 /// Everything a run needs; the CLI fills it.
 #[derive(Debug, Clone)]
@@ -65,7 +77,13 @@ pub struct RlConfig {
     pub kl_coef: f64,
     /// Divide advantages by the group's standard deviation.
     pub std_normalize: bool,
-    /// Reward the judge's probability of the user's choice instead of 1/0.
+    /// `jud`: the judge's pick (`judge` is a judge); `gen`: R_gen (`judge` is the
+    /// generator model).
+    pub reward: RewardKind,
+    /// R_gen's margin τ.
+    pub margin: f64,
+    /// Soft rewards: the judge's probability of the user's choice, or σ(margin − τ),
+    /// instead of 1/0.
     pub soft_reward: bool,
     /// Optimizer updates per batch of rollouts (the surrogate's ratio moves after the first).
     pub ppo_epochs: usize,
@@ -120,6 +138,8 @@ impl Default for RlConfig {
             clip: 0.2,
             kl_coef: 0.0,
             std_normalize: true,
+            reward: RewardKind::Jud,
+            margin: crate::rgen::DEFAULT_MARGIN,
             soft_reward: false,
             ppo_epochs: 1,
             seed: 0,
@@ -266,10 +286,16 @@ struct Group {
     right: Vec<bool>,
 }
 
+/// What scores a summary: the judge (R_jud) or the generator (R_gen).
+enum Scorer {
+    Judge(Judge),
+    Gen(Generator),
+}
+
 struct Runner<'a> {
     cfg: &'a RlConfig,
     policy: &'a LoadedModel,
-    judge: &'a Judge,
+    scorer: &'a Scorer,
     templates: Templates,
     bos: String,
 }
@@ -307,27 +333,44 @@ impl Runner<'_> {
             let parsed = alignx_schemas::answer::parse_answer(&text, 2048).ok().map(|a| a.summary);
             summaries.push(parsed.filter(|_| g.finish != Finish::Length));
         }
-        let items: Vec<(usize, JudgeItem<'_>)> = summaries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                let c = &tasks[i / n].comparison;
-                s.as_deref()
-                    .map(|s| (i, JudgeItem { post: &c.task, summary: s, a: &c.response_a, b: &c.response_b }))
-            })
-            .collect();
-        let p_a = self.judge.prob_a(&items.iter().map(|(_, it)| *it).collect::<Vec<_>>(), 32)?;
+        let scored: Vec<(usize, &str)> =
+            summaries.iter().enumerate().filter_map(|(i, s)| s.as_deref().map(|s| (i, s))).collect();
         let (mut rewards, mut right) = (vec![0.0; gens.len()], vec![false; gens.len()]);
-        for ((i, _), pa) in items.iter().zip(p_a) {
-            let p_right = if tasks[i / n].truth == Choice::A { pa } else { 1.0 - pa };
-            right[*i] = p_right > 0.5;
-            rewards[*i] = if self.cfg.soft_reward {
-                p_right
-            } else if right[*i] {
-                1.0
-            } else {
-                0.0
-            };
+        match self.scorer {
+            Scorer::Judge(judge) => {
+                let items: Vec<JudgeItem<'_>> = scored
+                    .iter()
+                    .map(|&(i, summary)| {
+                        let c = &tasks[i / n].comparison;
+                        JudgeItem { post: &c.task, summary, a: &c.response_a, b: &c.response_b }
+                    })
+                    .collect();
+                for (&(i, _), pa) in scored.iter().zip(judge.prob_a(&items, 32)?) {
+                    let p_right = if tasks[i / n].truth == Choice::A { pa } else { 1.0 - pa };
+                    right[i] = p_right > 0.5;
+                    rewards[i] = if self.cfg.soft_reward {
+                        p_right
+                    } else if right[i] {
+                        1.0
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            Scorer::Gen(generator) => {
+                let items: Vec<GenItem<'_>> = scored
+                    .iter()
+                    .map(|&(i, summary)| {
+                        let c = &tasks[i / n].comparison;
+                        GenItem { post: &c.task, summary, chosen: &c.chosen, rejected: &c.rejected }
+                    })
+                    .collect();
+                for (&(i, _), margin) in scored.iter().zip(generator.margins(&items, 8)?) {
+                    // "Right": the summary moved the generator towards the user's choice.
+                    right[i] = margin > 0.0;
+                    rewards[i] = rgen::reward(margin, self.cfg.margin, self.cfg.soft_reward);
+                }
+            }
         }
         let rows = ids.into_iter().zip(gens.into_iter().map(|g| g.tokens)).collect();
         Ok(Group { rows, summaries, rewards, right })
@@ -435,11 +478,14 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
     )?;
     let reference =
         if cfg.kl_coef > 0.0 { Some(model_dir::load(&cfg.policy, cfg.device, Dtype::Fp32)?) } else { None };
-    let judge = Judge::load(&cfg.judge, cfg.device)?;
+    let scorer = match cfg.reward {
+        RewardKind::Jud => Scorer::Judge(Judge::load(&cfg.judge, cfg.device)?),
+        RewardKind::Gen => Scorer::Gen(Generator::load(&cfg.judge, cfg.device)?),
+    };
     let runner = Runner {
         cfg,
         policy: &policy,
-        judge: &judge,
+        scorer: &scorer,
         templates: Templates::default(),
         bos: alignx_schemas::prompt::bos_text(&cfg.policy),
     };

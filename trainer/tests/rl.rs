@@ -4,7 +4,8 @@
 //! follow its summary ("Pick the first." / "Pick the second."), a policy trained to
 //! write either summary half the time whatever it reads, and RL data whose user always
 //! chose response A. Only one summary earns reward, so GRPO must move the policy toward
-//! it; a sign or masking error moves it away or nowhere. The mechanics test checks the
+//! it; a sign or masking error moves it away or nowhere. The same holds with R_gen and a
+//! generator trained to write response A after the first summary, B after the second. The mechanics test checks the
 //! streaming setting, the log, checkpoints and that a resumed run ends with exactly the
 //! weights of an uninterrupted one.
 
@@ -21,7 +22,8 @@ use alignx_trainer::init::{Preset, init};
 use alignx_trainer::judge;
 use alignx_trainer::judge::{Judge, JudgeItem};
 use alignx_trainer::model_dir::{self, Dtype};
-use alignx_trainer::rl::{self, RlConfig, RlError};
+use alignx_trainer::rgen::{self, GenItem, Generator};
+use alignx_trainer::rl::{self, RewardKind, RlConfig, RlError};
 use alignx_trainer::rng::Rng;
 use alignx_trainer::sft::{self, SftConfig};
 use alignx_trainer::synth::{self, SynthConfig};
@@ -177,7 +179,7 @@ fn weights(dir: &Path) -> Vec<u8> {
 }
 
 #[test]
-fn grpo_moves_the_policy_toward_what_the_judge_rewards_and_resumes_exactly() {
+fn grpo_moves_the_policy_toward_what_the_judge_or_the_generator_rewards_and_resumes_exactly() {
     tch::set_num_threads(1);
     tch::manual_seed(0);
     let dir = tempfile::tempdir().unwrap();
@@ -254,6 +256,70 @@ fn grpo_moves_the_policy_toward_what_the_judge_rewards_and_resumes_exactly() {
         weights(&dir.path().join("whole")) == weights(&dir.path().join("resumed")),
         "resumed weights differ"
     );
+
+    // R_gen: a generator that writes response A after "Pick the first." and B after
+    // "Pick the second." (either with no summary) rewards the first summary only, so GRPO
+    // with --reward gen must move the same policy the same way.
+    let generator = train_generator(dir.path());
+    let g = Generator::load(&generator, Device::Cpu).unwrap();
+    let gen_item =
+        |summary| GenItem { post: &cmp.task, summary, chosen: &cmp.chosen, rejected: &cmp.rejected };
+    let margins = g.margins(&[gen_item(FIRST), gen_item(SECOND), gen_item("")], 2).unwrap();
+    println!("R_gen margins: first {:.2}, second {:.2}, none {:.2}", margins[0], margins[1], margins[2]);
+    assert!(margins[0] > rgen::DEFAULT_MARGIN && margins[1] < 0.0, "{margins:?}");
+    assert_eq!(margins[2], 0.0, "no summary: both sides of the margin are the same");
+    let cfg = RlConfig {
+        reward: RewardKind::Gen,
+        steps: 30,
+        prompts_per_step: 4,
+        group_size: 4,
+        max_new_tokens: 24,
+        lr: 1e-3,
+        ..RlConfig::new(&models.policy, &generator, &base, dir.path().join("grpo-gen"))
+    };
+    let summary = rl::run(&cfg).unwrap();
+    let after = share_first(&dir.path().join("grpo-gen"));
+    println!(
+        "R_gen: reward {:.3} → {:.3}; share of 'Pick the first.' {before:.2} → {after:.2}",
+        summary.reward_first, summary.reward_last
+    );
+    assert!(summary.reward_last > summary.reward_first + 0.2, "{summary:?}");
+    assert!(after > before + 0.15 && after >= 0.75, "{before} → {after}");
+}
+
+/// A generator (the R_gen reward model) whose response follows the summary in its chat.
+fn train_generator(dir: &Path) -> PathBuf {
+    let templates = Templates::default();
+    let mut rng = Rng::new(5);
+    let cmp = comparison(0);
+    let data: Vec<ColdStartRecord> = (0..400)
+        .map(|i| {
+            let post = format!("Post {}?", i % 5);
+            let (summary, response) = match i % 3 {
+                0 => (FIRST, cmp.response_a.as_str()),
+                1 => (SECOND, cmp.response_b.as_str()),
+                _ if rng.next_u64().is_multiple_of(2) => ("", cmp.response_a.as_str()),
+                _ => ("", cmp.response_b.as_str()),
+            };
+            ColdStartRecord {
+                prompt: judge::chatml(&templates.rgen_messages(summary, &post)),
+                response: format!("{response}<|im_end|>"),
+            }
+        })
+        .collect();
+    let file = dir.join("generator.jsonl");
+    std::fs::write(&file, jsonl(&data)).unwrap();
+    let out = dir.join("generator");
+    sft::run(&SftConfig {
+        epochs: 100,
+        max_steps: Some(150),
+        batch_size: 16,
+        lr: 3e-3,
+        warmup_steps: 5,
+        ..SftConfig::new(dir.join("init"), file, &out)
+    })
+    .unwrap();
+    out
 }
 
 #[test]
