@@ -168,33 +168,15 @@ fn retrain_builds_from_the_log_gates_promotes_and_the_consumer_switches() {
     let mut sent = first.len() as u64;
     consumed(&mut r, &users, sent, &mut consumer);
 
-    let retrain = |tolerance: &str| {
-        trainer(&[
-            "retrain",
-            "--model-store",
-            s,
-            "--judge",
-            judge.to_str().unwrap(),
-            "--brokers",
-            &brokers,
-            "--redis-url",
-            &redis_url,
-            "--pushgateway",
-            &push_url,
-            "--holdout",
-            "0.5",
-            "--steps",
-            "2",
-            "--prompts-per-step",
-            "2",
-            "--group-size",
-            "2",
-            "--max-new-tokens",
-            tokens,
-            "--tolerance",
-            tolerance,
-        ])
+    let judge_dir = judge.to_str().unwrap();
+    let retrain_args = |tolerance: &'static str| -> Vec<&str> {
+        let mut args = vec!["retrain", "--model-store", s, "--judge", judge_dir, "--brokers", &brokers];
+        args.extend(["--redis-url", &redis_url, "--pushgateway", &push_url, "--holdout", "0.5"]);
+        args.extend(["--steps", "2", "--prompts-per-step", "2", "--group-size", "2"]);
+        args.extend(["--max-new-tokens", tokens, "--tolerance", tolerance]);
+        args
     };
+    let retrain = |tolerance: &'static str| trainer(&retrain_args(tolerance));
     // A gate nothing can pass (the candidate must beat v0001 by 100 points): kept, and why.
     let kept = report(&retrain("-1"));
     println!("refused run: {kept}");
@@ -219,36 +201,8 @@ fn retrain_builds_from_the_log_gates_promotes_and_the_consumer_switches() {
     produce(&brokers, &more).unwrap();
     sent += more.len() as u64;
     consumed(&mut r, &users, sent, &mut consumer);
-    let args: Vec<String> = [
-        "retrain",
-        "--model-store",
-        s,
-        "--judge",
-        judge.to_str().unwrap(),
-        "--brokers",
-        &brokers,
-        "--redis-url",
-        &redis_url,
-        "--pushgateway",
-        &push_url,
-        "--holdout",
-        "0.5",
-        "--steps",
-        "2",
-        "--prompts-per-step",
-        "2",
-        "--group-size",
-        "2",
-        "--max-new-tokens",
-        tokens,
-        "--tolerance",
-        "1",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
     let promoting = Command::new(workspace_binary("alignx-trainer").unwrap())
-        .args(&args)
+        .args(retrain_args("1"))
         .env("OMP_NUM_THREADS", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
