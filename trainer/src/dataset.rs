@@ -135,9 +135,11 @@ struct Update {
     comparison: Comparison,
 }
 
-/// The user's next pair after `(partition, offset)`, A/B order seeded by its identity.
+/// The user's next pair after `(partition, offset)` in `signals` (sorted by partition
+/// and offset), A/B order seeded by its identity.
 fn next_pair(signals: &[LoggedSignal], partition: i32, offset: i64, seed: u64) -> Option<Comparison> {
-    let s = signals.iter().find(|s| s.partition == partition && s.offset > offset && is_pair(&s.signal))?;
+    let after = signals.partition_point(|s| (s.partition, s.offset) <= (partition, offset));
+    let s = signals[after..].iter().take_while(|s| s.partition == partition).find(|s| is_pair(&s.signal))?;
     let SignalBody::Pair { post, chosen, rejected } = &s.signal.body else { return None };
     let mut rng =
         Rng::new(fnv(&[b"ab", &seed.to_le_bytes(), s.signal.user_id.as_bytes(), &s.offset.to_le_bytes()]));
