@@ -370,8 +370,10 @@ pub fn metrics_text(r: Option<&RetrainReport>) -> String {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
     let last = r.map_or("failed", |r| r.outcome.as_str());
+    // `busy` runs push nothing: the run holding the lock reports.
     let outcomes: Vec<(String, f64)> = Outcome::ALL
         .iter()
+        .filter(|o| **o != Outcome::Busy)
         .map(|o| o.as_str())
         .chain(["failed"])
         .map(|o| (format!("{{outcome=\"{o}\"}}"), f64::from(u8::from(o == last))))
