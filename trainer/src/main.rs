@@ -19,7 +19,7 @@ use alignx_trainer::onnx::export::{self, ExportDtype, ExportOptions, KvLayout, L
 use alignx_trainer::prompt_cmd::{self, SettingArg};
 use alignx_trainer::recipe::{self, TinyRecipe};
 use alignx_trainer::retrain::{self, RetrainConfig};
-use alignx_trainer::rl::{self, RewardKind, RlConfig};
+use alignx_trainer::rl::{self, Algo, RewardKind, RlConfig};
 use alignx_trainer::sft::{self, SftConfig};
 use alignx_trainer::synth::{self, SynthConfig};
 use anyhow::Context;
@@ -118,10 +118,11 @@ enum Command {
     /// Supervised fine-tuning on {prompt, response} records (JSON array or JSON Lines);
     /// loss on response tokens only. Prints a JSON summary on stdout.
     Sft(SftArgs),
-    /// Reinforcement learning with the judge reward R_jud (GRPO): sample a group of
+    /// Reinforcement learning with the judge reward R_jud (or R_gen): sample a group of
     /// summaries per prompt, reward those that make the judge pick the user's real next
-    /// choice, PPO-clip update. Writes the model (or adapter) to --out and one JSON line
-    /// per step to OUT/rl_log.jsonl; prints a JSON summary on stdout.
+    /// choice, PPO-clip update (GRPO; `--algo ppo`: a value head and GAE). Writes the
+    /// model (or adapter) to --out and one JSON line per step to OUT/rl_log.jsonl; prints
+    /// a JSON summary on stdout.
     Grpo(GrpoArgs),
     /// Write a deterministic synthetic preference world: signal streams (signal.v1 JSONL),
     /// cold_start, rl_train, streaming_rl_train, judge training data, eval data and the
@@ -372,6 +373,16 @@ struct GrpoArgs {
     /// Optimizer updates per batch of rollouts.
     #[arg(long, default_value_t = 1)]
     ppo_epochs: usize,
+    /// `grpo`: advantages relative to the group's mean reward; `ppo`: a value head on the
+    /// policy's hidden states (trained alongside, saved with checkpoints) and GAE.
+    #[arg(long, value_enum, default_value = "grpo")]
+    algo: Algo,
+    /// PPO: GAE's λ (γ is 1).
+    #[arg(long, default_value_t = RlConfig::default().gae_lambda)]
+    gae_lambda: f64,
+    /// PPO: weight of the value loss.
+    #[arg(long, default_value_t = RlConfig::default().value_coef)]
+    value_coef: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write OUT/checkpoint-STEP every this many steps (0: never).
@@ -716,6 +727,9 @@ fn run_grpo(a: GrpoArgs) -> anyhow::Result<()> {
         reward: a.reward,
         margin: a.margin,
         ppo_epochs: a.ppo_epochs,
+        algo: a.algo,
+        gae_lambda: a.gae_lambda,
+        value_coef: a.value_coef,
         seed: a.seed,
         save_every: a.save_every,
         resume: a.resume,

@@ -48,6 +48,16 @@ pub enum RewardKind {
     Gen,
 }
 
+/// How advantages are estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    /// Group-relative: each sample's reward against its group's mean (no critic).
+    Grpo,
+    /// A value head on the policy's hidden states and GAE over each response's tokens.
+    Ppo,
+}
+
 /// Everything a run needs; the CLI fills it.
 #[derive(Debug, Clone)]
 pub struct RlConfig {
@@ -87,6 +97,11 @@ pub struct RlConfig {
     pub soft_reward: bool,
     /// Optimizer updates per batch of rollouts (the surrogate's ratio moves after the first).
     pub ppo_epochs: usize,
+    pub algo: Algo,
+    /// PPO: GAE's λ (γ is 1: the reward comes once, at the end of the summary).
+    pub gae_lambda: f64,
+    /// PPO: weight of the value head's squared error in the loss.
+    pub value_coef: f64,
     pub seed: u64,
     /// Write `out/checkpoint-STEP` every this many steps (0: never).
     pub save_every: usize,
@@ -142,6 +157,9 @@ impl Default for RlConfig {
             margin: crate::rgen::DEFAULT_MARGIN,
             soft_reward: false,
             ppo_epochs: 1,
+            algo: Algo::Grpo,
+            gae_lambda: 0.95,
+            value_coef: 0.5,
             seed: 0,
             save_every: 0,
             resume: None,
@@ -272,7 +290,11 @@ pub struct RlSummary {
 /// One sampled sequence to learn from.
 struct Rollout {
     example: Example,
+    /// GRPO: the group-relative advantage of every token; PPO: the summary's reward.
     advantage: f64,
+    /// PPO: per-token advantages (GAE, whitened over the step) and value targets.
+    token_advantages: Option<Tensor>,
+    returns: Option<Tensor>,
     /// Log-probabilities of its tokens when sampled (filled by the first update).
     old_logp: Option<Tensor>,
     ref_logp: Option<Tensor>,
@@ -393,6 +415,93 @@ impl Runner<'_> {
     }
 }
 
+/// PPO's critic: a linear map from the policy's final hidden state before each response
+/// token to the expected reward from there. Starts at zero (every value 0), so the first
+/// advantages are the rewards themselves; saved with checkpoints as `value_head.safetensors`.
+struct ValueHead {
+    vs: tch::nn::VarStore,
+    proj: tch::nn::Linear,
+}
+
+const VALUE_HEAD_FILE: &str = "value_head.safetensors";
+
+impl ValueHead {
+    fn new(hidden: i64, device: Device) -> Self {
+        let vs = tch::nn::VarStore::new(device);
+        let zero = tch::nn::LinearConfig {
+            ws_init: tch::nn::Init::Const(0.0),
+            bs_init: Some(tch::nn::Init::Const(0.0)),
+            bias: true,
+        };
+        let proj = tch::nn::linear(vs.root() / "value_head", hidden, 1, zero);
+        Self { vs, proj }
+    }
+
+    fn values(&self, hidden: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        self.proj.forward(&hidden.to_kind(Kind::Float)).squeeze_dim(-1)
+    }
+
+    /// Before a step's updates: the sampling policy's log-probs, and per-token
+    /// advantages by GAE (γ = 1, the reward on the last token) from the current values,
+    /// whitened over all the step's tokens; value targets = advantage + value.
+    fn prepare(&self, cfg: &RlConfig, policy: &LoadedModel, rollouts: &mut [Rollout]) {
+        let mut raw: Vec<Vec<f64>> = Vec::with_capacity(rollouts.len());
+        for micro in rollouts.chunks_mut(cfg.micro_batch.max(1)) {
+            let examples: Vec<&Example> = micro.iter().map(|r| &r.example).collect();
+            let lens: Vec<i64> = examples.iter().map(|e| e.response_len() as i64).collect();
+            let (logp, values) = tch::no_grad(|| {
+                let (logp, hidden) = sft::response_logprobs_and_hidden(&policy.model, &examples, cfg.device);
+                (logp, self.values(&hidden))
+            });
+            let values = values.to_kind(Kind::Double).to_device(Device::Cpu);
+            let values: Vec<f64> = Vec::<f64>::try_from(values.flatten(0, -1)).expect("f64 values");
+            let mut at = 0;
+            for ((r, lp), &n) in micro.iter_mut().zip(logp.split_with_sizes(&lens, 0)).zip(&lens) {
+                let v = &values[at..at + n as usize];
+                at += n as usize;
+                r.old_logp = Some(lp);
+                let (adv, ret) = gae(v, r.advantage, cfg.gae_lambda);
+                r.returns = Some(Tensor::from_slice(&ret).to_kind(Kind::Float).to_device(cfg.device));
+                raw.push(adv);
+            }
+        }
+        let all: Vec<f64> = raw.iter().flatten().copied().collect();
+        let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+        let std = (all.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / all.len().max(1) as f64).sqrt();
+        for (r, adv) in rollouts.iter_mut().zip(raw) {
+            let whitened: Vec<f64> = adv.iter().map(|a| (a - mean) / (std + 1e-8)).collect();
+            r.token_advantages =
+                Some(Tensor::from_slice(&whitened).to_kind(Kind::Float).to_device(cfg.device));
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
+        self.vs.save(dir.join(VALUE_HEAD_FILE)).map_err(|e| crate::checkpoint::io_error(dir, e))
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), RlError> {
+        let path = dir.join(VALUE_HEAD_FILE);
+        self.vs.load(&path).map_err(|e| RlError::Read { path, message: e.to_string() })
+    }
+}
+
+/// GAE over one response: `values[t]` is the critic's estimate before token t, the
+/// reward arrives after the last token, γ = 1. Returns (advantages, value targets).
+pub fn gae(values: &[f64], reward: f64, lambda: f64) -> (Vec<f64>, Vec<f64>) {
+    let n = values.len();
+    let (mut adv, mut ret) = (vec![0.0; n], vec![0.0; n]);
+    let mut next = 0.0;
+    for t in (0..n).rev() {
+        let (r, v_next) = if t + 1 == n { (reward, 0.0) } else { (0.0, values[t + 1]) };
+        let delta = r + v_next - values[t];
+        next = delta + lambda * next;
+        adv[t] = next;
+        ret[t] = next + values[t];
+    }
+    (adv, ret)
+}
+
 /// Deterministic per-(seed, step, phase) sampling seed.
 fn sampling_seed(seed: u64, step: usize, phase: u64) -> u64 {
     Rng::new(seed ^ ((step as u64) << 8) ^ phase).next_u64()
@@ -403,6 +512,7 @@ fn sampling_seed(seed: u64, step: usize, phase: u64) -> u64 {
 fn update(
     cfg: &RlConfig,
     policy: &LoadedModel,
+    value_head: Option<&ValueHead>,
     reference: Option<&LoadedModel>,
     rollouts: &mut [Rollout],
     opt: &mut AdamW,
@@ -414,7 +524,7 @@ fn update(
     for micro in rollouts.chunks_mut(cfg.micro_batch.max(1)) {
         let examples: Vec<&Example> = micro.iter().map(|r| &r.example).collect();
         let lens: Vec<i64> = examples.iter().map(|e| e.response_len() as i64).collect();
-        let logp = sft::response_logprobs(&policy.model, &examples, cfg.device);
+        let (logp, hidden) = sft::response_logprobs_and_hidden(&policy.model, &examples, cfg.device);
         // The reference's and the sampling policy's log-probs are fixed per rollout: taken
         // in the first update (the policy has not moved yet, so "old" is the current one).
         let ref_logp = match reference {
@@ -434,13 +544,20 @@ fn update(
         }
         let cat = |f: &dyn Fn(&Rollout) -> Tensor| Tensor::cat(&micro.iter().map(f).collect::<Vec<_>>(), 0);
         let old = cat(&|r| r.old_logp.as_ref().expect("set above").shallow_clone());
-        let adv =
-            cat(&|r| Tensor::full([r.example.response_len() as i64], r.advantage, (Kind::Float, cfg.device)));
+        let adv = cat(&|r| match &r.token_advantages {
+            Some(a) => a.shallow_clone(),
+            None => Tensor::full([r.example.response_len() as i64], r.advantage, (Kind::Float, cfg.device)),
+        });
         let ratio = (&logp - old).exp();
         let bounded = ratio.clamp(1.0 - cfg.clip, 1.0 + cfg.clip);
         let surrogate = -(&ratio * &adv).minimum(&(&bounded * &adv));
         clipped += ratio.ne_tensor(&bounded).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
         let mut loss = surrogate.sum(Kind::Float);
+        if let Some(head) = value_head {
+            let returns = cat(&|r| r.returns.as_ref().expect("prepared").shallow_clone());
+            let error = head.values(&hidden) - returns;
+            loss += (&error * &error).sum(Kind::Float) * (0.5 * cfg.value_coef);
+        }
         if reference.is_some() {
             let d = cat(&|r| r.ref_logp.as_ref().expect("set above").shallow_clone()) - &logp;
             let k3 = d.exp() - &d - 1.0;
@@ -460,10 +577,13 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
             "--steps, --prompts-per-step, --ppo-epochs and --max-new-tokens must be at least 1".into(),
         ));
     }
-    if cfg.group_size < 2 {
+    if cfg.group_size < 2 && cfg.algo == Algo::Grpo {
         return Err(RlError::Invalid(
-            "--group-size must be at least 2: advantages are relative to the group".into(),
+            "--group-size must be at least 2 for GRPO: advantages are relative to the group".into(),
         ));
+    }
+    if !(0.0..=1.0).contains(&cfg.gae_lambda) {
+        return Err(RlError::Invalid(format!("--gae-lambda must be in [0, 1], got {}", cfg.gae_lambda)));
     }
     if cfg.temperature <= 0.0 {
         return Err(RlError::Invalid("--temperature must be positive: a greedy group has no spread".into()));
@@ -490,8 +610,16 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
         bos: alignx_schemas::prompt::bos_text(&cfg.policy),
     };
 
+    let mut value_head =
+        (cfg.algo == Algo::Ppo).then(|| ValueHead::new(policy.model.config().hidden_size, cfg.device));
+    if let (Some(head), Some(dir)) = (value_head.as_mut(), &cfg.resume) {
+        head.load(dir)?;
+    }
     let trained = policy.lora_vs.as_ref().unwrap_or(&policy.vs);
     let mut params: Vec<(String, Tensor)> = trained.variables().into_iter().collect();
+    if let Some(head) = &value_head {
+        params.extend(head.vs.variables());
+    }
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(params, AdamWConfig::default());
     let start_step = match &cfg.resume {
@@ -499,10 +627,18 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
         None => 0,
     };
     let save = |dir: &Path, extra: &dyn Fn(&Path) -> Result<(), CheckpointError>| {
-        sft::save_model(cfg.lora.as_ref(), &cfg.policy, &policy, &config_json, dir, extra)
+        let with_head = |tmp: &Path| {
+            extra(tmp)?;
+            value_head.as_ref().map_or(Ok(()), |h| h.save(tmp))
+        };
+        sft::save_model(cfg.lora.as_ref(), &cfg.policy, &policy, &config_json, dir, with_head)
     };
 
-    let bar = sft::progress_bar("grpo", cfg.steps, start_step, cfg.progress);
+    let name = match cfg.algo {
+        Algo::Grpo => "grpo",
+        Algo::Ppo => "ppo",
+    };
+    let bar = sft::progress_bar(name, cfg.steps, start_step, cfg.progress);
     std::fs::create_dir_all(&cfg.out)
         .map_err(|e| RlError::Write { path: cfg.out.clone(), message: e.to_string() })?;
     let log_path = cfg.out.join("rl_log.jsonl");
@@ -563,7 +699,10 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
         let mut rollouts = Vec::new();
         let (mut rewards_all, mut right_all, mut failures) = (Vec::new(), Vec::new(), 0usize);
         for g in groups {
-            let adv = runner.advantages(&g.rewards);
+            let adv = match cfg.algo {
+                Algo::Grpo => runner.advantages(&g.rewards),
+                Algo::Ppo => g.rewards.clone(),
+            };
             failures += g.summaries.iter().filter(|s| s.is_none()).count();
             for ((prompt, tokens), a) in g.rows.into_iter().zip(adv) {
                 sampled_tokens += tokens.len();
@@ -572,6 +711,8 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
                 rollouts.push(Rollout {
                     example: Example { ids, prompt_len },
                     advantage: a,
+                    token_advantages: None,
+                    returns: None,
                     old_logp: None,
                     ref_logp: None,
                 });
@@ -581,8 +722,12 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
         }
         let lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio);
         let (mut kl, mut clipped) = (0.0, 0.0);
+        if let Some(head) = &value_head {
+            head.prepare(cfg, &policy, &mut rollouts);
+        }
         for _ in 0..cfg.ppo_epochs {
-            (kl, clipped) = update(cfg, &policy, reference.as_ref(), &mut rollouts, &mut opt, lr);
+            (kl, clipped) =
+                update(cfg, &policy, value_head.as_ref(), reference.as_ref(), &mut rollouts, &mut opt, lr);
         }
         rollout_count += rollouts.len();
         let n = rewards_all.len() as f64;
@@ -649,5 +794,34 @@ fn summarise(
         update_seconds_per_step: mean(&log, |s| s.update_seconds),
         seconds,
         log,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gae;
+
+    #[test]
+    fn gae_with_a_zero_critic_and_lambda_one_credits_every_token_with_the_reward() {
+        let (adv, ret) = gae(&[0.0; 4], 1.0, 1.0);
+        assert_eq!(adv, vec![1.0; 4]);
+        assert_eq!(ret, vec![1.0; 4]);
+    }
+
+    #[test]
+    fn gae_with_lambda_zero_is_the_one_step_td_error() {
+        let values = [0.2, 0.5, 0.4];
+        let (adv, ret) = gae(&values, 1.0, 0.0);
+        let want = [0.5 - 0.2, 0.4 - 0.5, 1.0 - 0.4];
+        for (a, w) in adv.iter().zip(want) {
+            assert!((a - w).abs() < 1e-12, "{adv:?}");
+        }
+        // Targets: one-step returns (the next value, or the reward at the end).
+        for (r, w) in ret.iter().zip([0.5, 0.4, 1.0]) {
+            assert!((r - w).abs() < 1e-12, "{ret:?}");
+        }
+        // λ = 0.5 mixes them: A_t = δ_t + 0.5 A_{t+1}.
+        let (mixed, _) = gae(&values, 1.0, 0.5);
+        assert!((mixed[1] - (want[1] + 0.5 * want[2])).abs() < 1e-12);
     }
 }

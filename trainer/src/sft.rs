@@ -215,6 +215,16 @@ fn shared_prefix(examples: &[&Example]) -> usize {
 /// attends to: the same numbers as running each row whole (causal attention: a prefix
 /// never sees what follows it), and gradients flow back through the shared pass.
 pub fn response_logprobs(model: &Qwen2, examples: &[&Example], device: Device) -> Tensor {
+    response_logprobs_and_hidden(model, examples, device).0
+}
+
+/// [`response_logprobs`] and the final hidden states they come from, `[tokens, hidden]`
+/// in the same order: the state before each response token, which a value head reads.
+pub fn response_logprobs_and_hidden(
+    model: &Qwen2,
+    examples: &[&Example],
+    device: Device,
+) -> (Tensor, Tensor) {
     let shared = shared_prefix(examples);
     let skip = if shared >= MIN_SHARED_PREFIX && examples.len() > 1 { shared } else { 0 };
     let mut cache = KvCache::new();
@@ -232,11 +242,12 @@ pub fn response_logprobs(model: &Qwen2, examples: &[&Example], device: Device) -
     let rows = tmask.flatten(0, -1).nonzero().squeeze_dim(-1);
     let hidden = hidden.flatten(0, 1).index_select(0, &rows);
     let targets = targets.flatten(0, -1).index_select(0, &rows);
-    model
+    let logp = model
         .logits(&hidden)
         .log_softmax(-1, Kind::Float)
         .gather(-1, &targets.unsqueeze(-1), false)
-        .squeeze_dim(-1)
+        .squeeze_dim(-1);
+    (logp, hidden)
 }
 
 /// What a training run starts from, and the `config.json` of the weights loaded: `base`;

@@ -5,7 +5,8 @@
 //! write either summary half the time whatever it reads, and RL data whose user always
 //! chose response A. Only one summary earns reward, so GRPO must move the policy toward
 //! it; a sign or masking error moves it away or nowhere. The same holds with R_gen and a
-//! generator trained to write response A after the first summary, B after the second. The mechanics test checks the
+//! generator trained to write response A after the first summary, B after the second,
+//! and with PPO (value head + GAE) in place of the group baseline. The mechanics test checks the
 //! streaming setting, the log, checkpoints and that a resumed run ends with exactly the
 //! weights of an uninterrupted one.
 
@@ -23,7 +24,7 @@ use alignx_trainer::judge;
 use alignx_trainer::judge::{Judge, JudgeItem};
 use alignx_trainer::model_dir::{self, Dtype};
 use alignx_trainer::rgen::{self, GenItem, Generator};
-use alignx_trainer::rl::{self, RewardKind, RlConfig, RlError};
+use alignx_trainer::rl::{self, Algo, RewardKind, RlConfig, RlError};
 use alignx_trainer::rng::Rng;
 use alignx_trainer::sft::{self, SftConfig};
 use alignx_trainer::synth::{self, SynthConfig};
@@ -179,7 +180,7 @@ fn weights(dir: &Path) -> Vec<u8> {
 }
 
 #[test]
-fn grpo_moves_the_policy_toward_what_the_judge_or_the_generator_rewards_and_resumes_exactly() {
+fn rl_moves_the_policy_toward_what_the_judge_or_the_generator_rewards_and_resumes_exactly() {
     tch::set_num_threads(1);
     tch::manual_seed(0);
     let dir = tempfile::tempdir().unwrap();
@@ -285,6 +286,39 @@ fn grpo_moves_the_policy_toward_what_the_judge_or_the_generator_rewards_and_resu
     );
     assert!(summary.reward_last > summary.reward_first + 0.2, "{summary:?}");
     assert!(after > before + 0.15 && after >= 0.75, "{before} → {after}");
+
+    // PPO: a value head and GAE instead of the group baseline, same direction; its
+    // checkpoints carry the value head, and a resumed run ends where an uninterrupted one does.
+    let ppo = |out: &str, steps: usize, save_every: usize, resume: Option<PathBuf>| {
+        rl::run(&RlConfig {
+            algo: Algo::Ppo,
+            steps,
+            prompts_per_step: 4,
+            group_size: 4,
+            max_new_tokens: 24,
+            lr: 1e-3,
+            save_every,
+            resume,
+            ..RlConfig::new(&models.policy, &models.judge, &base, dir.path().join(out))
+        })
+        .unwrap()
+    };
+    let summary = ppo("ppo", 30, 0, None);
+    let after = share_first(&dir.path().join("ppo"));
+    println!(
+        "PPO: reward {:.3} → {:.3}; share of 'Pick the first.' {before:.2} → {after:.2}",
+        summary.reward_first, summary.reward_last
+    );
+    assert!(after > before + 0.15 && after >= 0.75, "{before} → {after}; {:?}", summary.log);
+    ppo("ppo-whole", 4, 2, None);
+    let checkpoint = dir.path().join("ppo-whole/checkpoint-2");
+    assert!(checkpoint.join("value_head.safetensors").is_file());
+    let resumed = ppo("ppo-resumed", 4, 0, Some(checkpoint));
+    assert_eq!(resumed.start_step, 2);
+    assert!(
+        weights(&dir.path().join("ppo-whole")) == weights(&dir.path().join("ppo-resumed")),
+        "resumed PPO weights differ"
+    );
 }
 
 /// A generator (the R_gen reward model) whose response follows the summary in its chat.
