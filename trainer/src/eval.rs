@@ -32,6 +32,8 @@ pub enum EvalSetting {
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
     pub policy: Option<PathBuf>,
+    /// A second policy scored on the same items, reported as a paired difference.
+    pub compare: Option<PathBuf>,
     pub judge: PathBuf,
     pub data: PathBuf,
     pub setting: EvalSetting,
@@ -79,6 +81,9 @@ pub struct EvalReport {
     pub policy: Option<Score>,
     /// Policy generations with no parsable `<answer>` (scored as no summary).
     pub answer_failures: usize,
+    /// `compare`'s policy against `policy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compared: Option<Paired>,
     /// A few (history index, summary) for reading.
     pub examples: Vec<String>,
     pub seconds: f64,
@@ -106,6 +111,45 @@ impl<'a> From<&'a RlRecord> for Judged<'a> {
     }
 }
 
+/// Per item: (credit, probability of the user's answer) — credit 1 when the judge's more
+/// likely answer is the user's, ½ on a tie, else 0.
+fn judged(
+    judge: &Judge,
+    items: &[Judged<'_>],
+    summaries: &[&str],
+    batch: usize,
+) -> Result<Vec<(f64, f64)>, EvalError> {
+    let judged: Vec<JudgeItem<'_>> = items
+        .iter()
+        .zip(summaries)
+        .map(|(r, s)| JudgeItem { post: r.post, summary: s, a: r.a, b: r.b })
+        .collect();
+    let p = judge.prob_a(&judged, batch)?;
+    Ok(items
+        .iter()
+        .zip(&p)
+        .map(|(r, pa)| {
+            let right = if r.answer == Choice::A { *pa } else { 1.0 - pa };
+            let credit = if right > 0.5 {
+                1.0
+            } else if right == 0.5 {
+                0.5
+            } else {
+                0.0
+            };
+            (credit, right)
+        })
+        .collect())
+}
+
+fn mean_score(per_item: &[(f64, f64)]) -> Score {
+    let n = per_item.len().max(1) as f64;
+    Score {
+        acc_jud: per_item.iter().map(|c| c.0).sum::<f64>() / n,
+        soft: per_item.iter().map(|c| c.1).sum::<f64>() / n,
+    }
+}
+
 /// ACC_jud of `summaries` (one per item) on `items`.
 pub fn score(
     judge: &Judge,
@@ -113,26 +157,37 @@ pub fn score(
     summaries: &[&str],
     batch: usize,
 ) -> Result<Score, EvalError> {
-    let judged: Vec<JudgeItem<'_>> = items
-        .iter()
-        .zip(summaries)
-        .map(|(r, s)| JudgeItem { post: r.post, summary: s, a: r.a, b: r.b })
-        .collect();
-    let p = judge.prob_a(&judged, batch)?;
-    let (mut acc, mut soft) = (0.0, 0.0);
-    for (r, pa) in items.iter().zip(&p) {
-        let right = if r.answer == Choice::A { *pa } else { 1.0 - pa };
-        soft += right;
-        acc += if right > 0.5 {
-            1.0
-        } else if right == 0.5 {
-            0.5
-        } else {
-            0.0
-        };
+    Ok(mean_score(&judged(judge, items, summaries, batch)?))
+}
+
+/// A second policy against the first on the same items: the paired difference of their
+/// per-item credit, with its standard error (items of one user are not independent, so
+/// read it as a lower bound on the uncertainty).
+#[derive(Debug, Clone, Serialize)]
+pub struct Paired {
+    pub policy: String,
+    pub score: Score,
+    /// ACC_jud of this policy minus the first's.
+    pub difference: f64,
+    pub standard_error: f64,
+    /// Items only this policy got right, and only the first.
+    pub better: usize,
+    pub worse: usize,
+}
+
+fn paired(policy: &std::path::Path, first: &[(f64, f64)], second: &[(f64, f64)]) -> Paired {
+    let d: Vec<f64> = first.iter().zip(second).map(|(a, b)| b.0 - a.0).collect();
+    let n = d.len().max(1) as f64;
+    let mean = d.iter().sum::<f64>() / n;
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    Paired {
+        policy: policy.display().to_string(),
+        score: mean_score(second),
+        difference: mean,
+        standard_error: (var / n).sqrt(),
+        better: d.iter().filter(|&&x| x > 0.0).count(),
+        worse: d.iter().filter(|&&x| x < 0.0).count(),
     }
-    let n = items.len().max(1) as f64;
-    Ok(Score { acc_jud: acc / n, soft: soft / n })
 }
 
 /// Whether the generation `tokens` has just closed its answer (`</answer>` in the
@@ -175,11 +230,12 @@ fn evidence(pairs: &[HistoryPair]) -> Evidence {
 /// One summary per distinct history.
 fn policy_summaries(
     cfg: &EvalConfig,
+    dir: &std::path::Path,
     policy: &LoadedModel,
     histories: &[&[HistoryPair]],
 ) -> Result<Vec<Option<String>>, EvalError> {
     let templates = Templates::default();
-    let bos = alignx_schemas::prompt::bos_text(cfg.policy.as_deref().expect("policy set"));
+    let bos = alignx_schemas::prompt::bos_text(dir);
     let window = cfg.window.max(1);
     match cfg.setting {
         EvalSetting::Base => {
@@ -253,14 +309,23 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
             })
         })
         .collect();
-    let (mut policy_score, mut failures, mut examples) = (None, 0, Vec::new());
-    if let Some(dir) = &cfg.policy {
+    // Per item: each policy's summary of the item's history, judged.
+    type Credited = (Vec<(f64, f64)>, Vec<Option<String>>);
+    let judge_policy = |dir: &std::path::Path| -> Result<Credited, EvalError> {
         let policy = model_dir::load(dir, cfg.device, Dtype::Fp32)?;
-        let summaries = policy_summaries(cfg, &policy, &histories)?;
+        let summaries = policy_summaries(cfg, dir, &policy, &histories)?;
+        let per_item: Vec<&str> = of.iter().map(|&h| summaries[h].as_deref().unwrap_or("")).collect();
+        Ok((judged(&judge, &items, &per_item, batch)?, summaries))
+    };
+    let (mut policy_score, mut failures, mut examples, mut compared) = (None, 0, Vec::new(), None);
+    if let Some(dir) = &cfg.policy {
+        let (credit, summaries) = judge_policy(dir)?;
         failures = summaries.iter().filter(|s| s.is_none()).count();
         examples = summaries.iter().take(3).map(|s| s.clone().unwrap_or_default()).collect();
-        let per_item: Vec<&str> = of.iter().map(|&h| summaries[h].as_deref().unwrap_or("")).collect();
-        policy_score = Some(score(&judge, &items, &per_item, batch)?);
+        policy_score = Some(mean_score(&credit));
+        if let Some(other) = &cfg.compare {
+            compared = Some(paired(other, &credit, &judge_policy(other)?.0));
+        }
     }
     Ok(EvalReport {
         data: cfg.data.display().to_string(),
@@ -271,6 +336,7 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
         latent_summary: latent,
         policy: policy_score,
         answer_failures: failures,
+        compared,
         examples,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -203,6 +203,10 @@ struct EvalArgs {
     /// Policy model directory (omit: baselines only).
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// A second policy, scored on the same items: its paired difference from --policy
+    /// (ACC_jud points, standard error, items each got right alone).
+    #[arg(long, requires = "policy")]
+    compare: Option<PathBuf>,
     /// Judge model directory.
     #[arg(long)]
     judge: PathBuf,
@@ -926,6 +930,7 @@ fn run_recipe(a: TinyArgs) -> anyhow::Result<()> {
 fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let report = eval::run(&EvalConfig {
         policy: a.policy,
+        compare: a.compare,
         judge: a.judge,
         data: a.data,
         setting: a.setting,

@@ -296,6 +296,7 @@ fn build(recipe: &TinyRecipe, dir: &Path, progress: bool) -> Result<RecipeReport
     let run_eval = |data: PathBuf, setting: EvalSetting| {
         eval::run(&EvalConfig {
             policy: Some(policy_dir.clone()),
+            compare: None,
             judge: judge_dir.clone(),
             data,
             setting,

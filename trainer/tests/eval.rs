@@ -85,7 +85,9 @@ fn a_judge_that_follows_the_summary_scores_it_near_perfect_and_no_summary_at_cha
     let eval_path = dir.path().join("eval.jsonl");
     std::fs::write(&eval_path, jsonl(&records)).unwrap();
     let report = eval::run(&EvalConfig {
-        policy: Some(model),
+        policy: Some(model.clone()),
+        // The same policy again: a paired difference of exactly nothing.
+        compare: Some(model),
         judge: judge_dir,
         data: eval_path,
         setting: EvalSetting::Streaming,
@@ -107,4 +109,7 @@ fn a_judge_that_follows_the_summary_scores_it_near_perfect_and_no_summary_at_cha
     assert_eq!((report.histories, report.answer_failures), (1, 1));
     let policy = report.policy.as_ref().unwrap();
     assert_eq!(policy.acc_jud, report.no_summary.acc_jud);
+    let paired = report.compared.as_ref().unwrap();
+    assert_eq!((paired.difference, paired.standard_error, paired.better, paired.worse), (0.0, 0.0, 0, 0));
+    assert_eq!(paired.score.acc_jud, policy.acc_jud);
 }
