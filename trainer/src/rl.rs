@@ -642,6 +642,11 @@ pub fn run(cfg: &RlConfig) -> Result<RlSummary, RlError> {
     std::fs::create_dir_all(&cfg.out)
         .map_err(|e| RlError::Write { path: cfg.out.clone(), message: e.to_string() })?;
     let log_path = cfg.out.join("rl_log.jsonl");
+    // A fresh run starts its own log; a resumed one continues it.
+    if start_step == 0 && log_path.exists() {
+        std::fs::remove_file(&log_path)
+            .map_err(|e| RlError::Write { path: log_path.clone(), message: e.to_string() })?;
+    }
     let started = Instant::now();
     let (mut log, mut sampled_tokens, mut rollout_count) = (Vec::new(), 0usize, 0usize);
     let (mut order, mut order_epoch) = (Vec::new(), usize::MAX);
