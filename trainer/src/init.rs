@@ -73,8 +73,9 @@ pub enum InitError {
     Shape(String),
 }
 
-/// The ChatML template Qwen models use, for chat-rendered prompts (the judge).
-const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+/// The ChatML template Qwen models use, for chat-rendered prompts (the judge); that it
+/// renders exactly ChatML is tested in `chat_template`.
+pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// Creates `out` (atomically) and returns the config written.
 pub fn init(corpus: &Path, shape: &Shape, seed: i64, out: &Path, force: bool) -> Result<Config, InitError> {

@@ -4,8 +4,10 @@
 //! (`{"selection": "Response `, [`Templates::judge_answer_prefix`]) — one deterministic
 //! forward pass per batch.
 //!
-//! Prompts use the ChatML layout Qwen models are trained on (`<|im_start|>role\n…<|im_end|>\n`),
-//! which our tiny tokenizers carry as special tokens.
+//! Prompts are rendered with the judge's own chat template (`tokenizer_config.json`;
+//! [`crate::chat_template`]), else the ChatML layout Qwen models are trained on
+//! (`<|im_start|>role\n…<|im_end|>\n`), which our tiny tokenizers carry as special tokens
+//! and whose template `init` writes.
 
 use std::path::Path;
 
@@ -13,6 +15,7 @@ use alignx_schemas::prompt::{ChatMessage, Templates};
 use alignx_schemas::training::{Choice, ColdStartRecord};
 use tch::{Device, Kind, Tensor};
 
+use crate::chat_template::ChatTemplate;
 use crate::generate::left_padded;
 use crate::model_dir::{self, Dtype, LoadError, LoadedModel};
 use crate::qwen2::KvCache;
@@ -95,6 +98,8 @@ pub enum JudgeError {
     Load(#[from] LoadError),
     #[error("judge tokenizer: {0}")]
     Tokenizer(String),
+    #[error("{0}")]
+    Template(String),
 }
 
 /// A loaded judge model.
@@ -102,6 +107,8 @@ pub struct Judge {
     model: LoadedModel,
     device: Device,
     templates: Templates,
+    /// The model's own chat template (ChatML when it has none).
+    chat: ChatTemplate,
     /// Token ids of the selection prefix shared by both answers, and the single tokens
     /// that differ (`None`: the tokenizer splits the answers otherwise; then whole
     /// continuations are scored).
@@ -120,7 +127,9 @@ impl Judge {
         let b = encode(&format!("{}B", templates.judge_answer_prefix))?;
         let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         let single = (a.len() == common + 1 && b.len() == common + 1).then(|| (a[common], b[common]));
+        let chat = ChatTemplate::load(dir).map_err(JudgeError::Template)?;
         Ok(Self {
+            chat,
             prefix: a[..common].to_vec(),
             single,
             tails: (a[common..].to_vec(), b[common..].to_vec()),
@@ -137,7 +146,10 @@ impl Judge {
         for chunk in items.chunks(batch.max(1)) {
             let mut prompts = Vec::with_capacity(chunk.len());
             for it in chunk {
-                let chat = chatml(&self.templates.judge_messages(it.post, it.summary, it.a, it.b));
+                let chat = self
+                    .chat
+                    .render(&self.templates.judge_messages(it.post, it.summary, it.a, it.b))
+                    .map_err(JudgeError::Template)?;
                 let mut ids = encode_ids(&self.model.tokenizer, &chat)
                     .map_err(|e| JudgeError::Tokenizer(e.to_string()))?;
                 ids.extend_from_slice(&self.prefix);

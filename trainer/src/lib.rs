@@ -2,6 +2,7 @@
 //! it for the consumer (DESIGN.md §6).
 //!
 //! # Layout
+//! - [`chat_template`]: a model's Jinja chat template (`tokenizer_config.json`), ChatML fallback.
 //! - [`checkpoint`]: HF model directories: safetensors (sharded or not) by parameter name.
 //! - [`dataset`]: `alignx-trainer build-dataset`, RL records from the inference log.
 //! - [`device`]: `--device cpu|cuda|auto`, loading libtorch's CUDA part on GPU machines.
@@ -27,6 +28,7 @@
 //! - [`prompt_cmd`]: `alignx-trainer prompt`, rendering the prompt protocol of
 //!   `alignx-schemas` for a golden-format input file.
 
+pub mod chat_template;
 pub mod checkpoint;
 pub mod dataset;
 pub mod device;

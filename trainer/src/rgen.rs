@@ -20,7 +20,8 @@ use std::path::Path;
 use alignx_schemas::prompt::Templates;
 use tch::{Device, Kind};
 
-use crate::judge::{JudgeError, chatml};
+use crate::chat_template::ChatTemplate;
+use crate::judge::JudgeError;
 use crate::model_dir::{self, Dtype, LoadedModel};
 use crate::sft::{Example, response_logprobs};
 use crate::tokenizer::encode_ids;
@@ -41,21 +42,26 @@ pub struct Generator {
     model: LoadedModel,
     device: Device,
     templates: Templates,
+    chat: ChatTemplate,
 }
 
 impl Generator {
     pub fn load(dir: &Path, device: Device) -> Result<Self, JudgeError> {
+        let chat = ChatTemplate::load(dir).map_err(JudgeError::Template)?;
         Ok(Self {
             model: model_dir::load(dir, device, Dtype::Fp32)?,
             device,
             templates: Templates::default(),
+            chat,
         })
     }
 
     fn example(&self, summary: &str, post: &str, response: &str) -> Result<Example, JudgeError> {
         let encode =
             |t: &str| encode_ids(&self.model.tokenizer, t).map_err(|e| JudgeError::Tokenizer(e.to_string()));
-        let mut ids = encode(&chatml(&self.templates.rgen_messages(summary, post)))?;
+        let chat =
+            self.chat.render(&self.templates.rgen_messages(summary, post)).map_err(JudgeError::Template)?;
+        let mut ids = encode(&chat)?;
         let prompt_len = ids.len();
         let response = encode(response)?;
         if response.is_empty() {
