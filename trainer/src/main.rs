@@ -92,7 +92,7 @@ enum Command {
     /// The periodic job: build the dataset from the inference log, GRPO from the version
     /// being served, ACC_jud of both on the holdout users, and promote the candidate (new
     /// version in the store, `current` symlink and `alignx:model:current` re-pointed)
-    /// only if it is not worse. Prints a JSON report; outcome promoted, kept (with why),
+    /// only if it is not worse. Prints a JSON report; outcome promoted, refused (with why),
     /// no_new_data (same data as last time) or busy (another run holds the store's lock).
     Retrain(Box<RetrainArgs>),
     /// Publish a model directory as a new version of a model store and serve it (the
