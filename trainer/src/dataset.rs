@@ -109,7 +109,7 @@ pub enum DatasetError {
 }
 
 /// FNV-1a, for the split and the A/B seeds: stable across runs, platforms and versions.
-fn fnv(parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for &b in *p {
@@ -400,11 +400,11 @@ pub fn load(source: &Source) -> Result<(Vec<LogTopicRecord>, Vec<LoggedSignal>, 
     }
 }
 
-/// [`load`], [`build`] and [`write`] into `out`: what `build-dataset` does.
-pub fn run(cfg: &DatasetConfig, source: &Source, out: &Path) -> Result<DatasetStats, DatasetError> {
+/// [`load`], [`build`] and [`write`] into `out`: what `build-dataset` (and `retrain`) does.
+pub fn run(cfg: &DatasetConfig, source: &Source, out: &Path) -> Result<Dataset, DatasetError> {
     let (log, signals, unreadable) = load(source)?;
     let mut dataset = build(cfg, log, signals)?;
     dataset.stats.unreadable_messages = unreadable;
     write(&dataset, out)?;
-    Ok(dataset.stats)
+    Ok(dataset)
 }

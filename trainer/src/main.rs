@@ -795,7 +795,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn run_build_dataset(a: BuildDatasetArgs) -> anyhow::Result<()> {
-    let stats = dataset::run(&a.dataset.config()?, &a.source.source()?, &a.out)?;
+    let stats = dataset::run(&a.dataset.config()?, &a.source.source()?, &a.out)?.stats;
     warn_dataset(&stats);
     println!("{}", serde_json::to_string_pretty(&stats)?);
     Ok(())
@@ -822,11 +822,6 @@ fn warn_dataset(s: &dataset::DatasetStats) {
     if s.rl_holdout == 0 {
         eprintln!("warning: no holdout records (raise --holdout or log more users)");
     }
-}
-
-/// How store versions are exported: what the consumer serves fastest.
-fn store_export() -> ExportOptions {
-    ExportOptions { logits: Logits::Last, kv_layout: KvLayout::Shared, ..Default::default() }
 }
 
 fn run_retrain(a: RetrainArgs) -> anyhow::Result<()> {
@@ -857,7 +852,7 @@ fn run_retrain(a: RetrainArgs) -> anyhow::Result<()> {
         eval_max_new_tokens: a.max_new_tokens,
         eval_batch: a.eval_batch,
         pushgateway: a.pushgateway,
-        export: store_export(),
+        export: ExportOptions::for_consumer(),
         device,
     };
     tch::manual_seed(cfg.rl.seed as i64);
@@ -874,14 +869,12 @@ fn run_publish(args: &StoreArgs, policy: &std::path::Path) -> anyhow::Result<()>
     let store = args.open()?;
     let redis = args.redis()?;
     let _lock = store.try_lock()?.context("another retrain or publish holds the model store's lock")?;
-    let meta = VersionMeta {
-        id: String::new(),
-        parent: store.current(redis.as_ref()).ok().map(|v| v.id),
-        created_unix_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
-        dataset_hash: None,
-        notes: serde_json::json!({"published_from": policy.display().to_string()}),
-    };
-    let version = store.publish(policy, false, meta, &store_export())?;
+    let meta = VersionMeta::new(
+        store.current(redis.as_ref()).ok().map(|v| v.id),
+        None,
+        serde_json::json!({"published_from": policy.display().to_string()}),
+    );
+    let version = store.publish(policy, false, meta, &ExportOptions::for_consumer())?;
     store.point(&version, redis.as_ref())?;
     eprintln!("published {} and serving it ({})", version.id, version.served.display());
     println!("{}", version.id);

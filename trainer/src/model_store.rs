@@ -58,6 +58,17 @@ pub struct VersionMeta {
     pub notes: serde_json::Value,
 }
 
+impl VersionMeta {
+    /// Metadata stamped now; the id is filled in by [`ModelStore::publish`].
+    pub fn new(parent: Option<String>, dataset_hash: Option<String>, notes: serde_json::Value) -> Self {
+        let created_unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Self { id: String::new(), parent, created_unix_s, dataset_hash, notes }
+    }
+}
+
 /// A version of the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Version {
@@ -177,7 +188,8 @@ impl ModelStore {
     }
 
     /// Publishes `policy` (a model directory, moved into the store when `take`, else
-    /// copied) as a new version: trainable weights, ONNX export, metadata. Not yet served:
+    /// copied) as a new version: trainable weights, ONNX export, metadata. Subdirectories
+    /// (training checkpoints) are not part of a version, either way. Not yet served:
     /// [`ModelStore::point`] does that. Call with the lock held.
     pub fn publish(
         &self,
@@ -192,8 +204,9 @@ impl ModelStore {
         let _ = std::fs::remove_dir_all(&staged);
         if take {
             std::fs::rename(policy, &staged).map_err(|e| io(policy, e))?;
+            remove_subdirs(&staged)?;
         } else {
-            copy_dir(policy, &staged)?;
+            copy_files(policy, &staged)?;
         }
         let exported = self.root.join(VERSIONS_DIR).join(format!(".{}.partial", version.id));
         let _ = std::fs::remove_dir_all(&exported);
@@ -223,16 +236,32 @@ impl ModelStore {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<(), StoreError> {
-    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
-    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
-        let entry = entry.map_err(|e| io(from, e))?;
-        let path = entry.path();
-        // Training leftovers (checkpoints) are not part of a version.
-        if path.is_file() {
-            let dest = to.join(entry.file_name());
-            std::fs::copy(&path, &dest).map_err(|e| io(&dest, e))?;
+/// The files directly in `dir` and its subdirectories, apart.
+fn entries(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), StoreError> {
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let path = entry.map_err(|e| io(dir, e))?.path();
+        if path.is_dir() {
+            dirs.push(path)
+        } else if path.is_file() {
+            files.push(path)
         }
+    }
+    Ok((files, dirs))
+}
+
+fn copy_files(from: &Path, to: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
+    for path in entries(from)?.0 {
+        let dest = to.join(path.file_name().expect("a directory entry has a name"));
+        std::fs::copy(&path, &dest).map_err(|e| io(&dest, e))?;
+    }
+    Ok(())
+}
+
+fn remove_subdirs(dir: &Path) -> Result<(), StoreError> {
+    for path in entries(dir)?.1 {
+        std::fs::remove_dir_all(&path).map_err(|e| io(&path, e))?;
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use tch::Device;
 
 use crate::eval::{self, EvalConfig, EvalReport, EvalSetting};
 use crate::init::{self, Shape};
-use crate::onnx::export::{self, ExportOptions, KvLayout, Logits};
+use crate::onnx::export::{self, ExportOptions};
 use crate::sft::{self, SftConfig, SftSummary};
 use crate::synth::{self, SynthConfig, SynthSummary};
 
@@ -285,9 +285,7 @@ fn build(recipe: &TinyRecipe, dir: &Path, progress: bool) -> Result<RecipeReport
 
     say("policy: ONNX export");
     let t = Instant::now();
-    // Served by our consumer only: the in-place cache layout, logits for the last position.
-    let options = ExportOptions { logits: Logits::Last, kv_layout: KvLayout::Shared, ..Default::default() };
-    export::export(&policy_dir, &dir.join("policy-onnx"), &options)
+    export::export(&policy_dir, &dir.join("policy-onnx"), &ExportOptions::for_consumer())
         .map_err(|e| RecipeError::Export(e.to_string()))?;
     stage("export", t);
 

@@ -128,19 +128,14 @@ const LAST_RUN_FILE: &str = "last_retrain.json";
 
 /// FNV-1a over the records a run would train and gate on.
 fn dataset_hash(d: &Dataset) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |s: &str| {
-        for b in s.bytes().chain([0xff]) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    for r in d.rl_train.iter().chain(&d.rl_holdout) {
-        feed(&serde_json::to_string(r).expect("serialisable"));
+    fn json<T: Serialize>(r: &T) -> String {
+        serde_json::to_string(r).expect("serialisable")
     }
-    for r in d.streaming_train.iter().chain(&d.streaming_holdout) {
-        feed(&serde_json::to_string(r).expect("serialisable"));
-    }
-    format!("{h:016x}")
+    let records: Vec<String> = (d.rl_train.iter().chain(&d.rl_holdout).map(json))
+        .chain(d.streaming_train.iter().chain(&d.streaming_holdout).map(json))
+        .collect();
+    let parts: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+    format!("{:016x}", dataset::fnv(&parts))
 }
 
 pub fn run(cfg: &RetrainConfig) -> Result<RetrainReport, RetrainError> {
@@ -187,11 +182,8 @@ fn judged_run(
         .tempdir_in(store.root())
         .map_err(|e| RetrainError::Io { path: store.root().to_owned(), message: e.to_string() })?;
 
-    let (log, signals, unreadable) = dataset::load(&cfg.source)?;
-    let mut data = dataset::build(&cfg.dataset, log, signals)?;
-    data.stats.unreadable_messages = unreadable;
     let data_dir = work.path().join("dataset");
-    dataset::write(&data, &data_dir)?;
+    let data = dataset::run(&cfg.dataset, &cfg.source, &data_dir)?;
     let hash = dataset_hash(&data);
     report.dataset = Some(data.stats.clone());
     report.dataset_hash = Some(hash.clone());
@@ -277,29 +269,13 @@ fn train_and_judge(
         };
         return Ok((Outcome::Refused, reason));
     }
-    // The run's own leftovers are not part of the version.
-    for entry in std::fs::read_dir(&candidate_dir)
-        .map_err(|e| RetrainError::Io { path: candidate_dir.clone(), message: e.to_string() })?
-    {
-        let path = entry
-            .map_err(|e| RetrainError::Io { path: candidate_dir.clone(), message: e.to_string() })?
-            .path();
-        if path.is_dir() {
-            let _ = std::fs::remove_dir_all(&path);
-        }
-    }
-    let meta = VersionMeta {
-        id: String::new(),
-        parent: Some(current.id.clone()),
-        created_unix_s: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        dataset_hash: Some(hash.to_owned()),
-        notes: serde_json::json!({"gate": gate, "dataset": data.stats, "grpo": {
+    let meta = VersionMeta::new(
+        Some(current.id.clone()),
+        Some(hash.to_owned()),
+        serde_json::json!({"gate": gate, "dataset": data.stats, "grpo": {
             "steps": summary.steps, "reward_first": summary.reward_first, "reward_last": summary.reward_last,
         }}),
-    };
+    );
     let version = store.publish(&candidate_dir, true, meta, &cfg.export)?;
     store.point(&version, cfg.redis.as_ref())?;
     report.promoted = Some(version.id.clone());

@@ -63,11 +63,11 @@ impl Generator {
             self.chat.render(&self.templates.rgen_messages(summary, post)).map_err(JudgeError::Template)?;
         let mut ids = encode(&chat)?;
         let prompt_len = ids.len();
-        let response = encode(response)?;
-        if response.is_empty() {
+        let tokens = encode(response)?;
+        if tokens.is_empty() {
             return Err(JudgeError::Tokenizer(format!("response {response:?} encodes to no tokens")));
         }
-        ids.extend(response);
+        ids.extend(tokens);
         Ok(Example { ids, prompt_len })
     }
 

@@ -177,7 +177,7 @@ fn files_round_trip_through_the_trainer_readers_and_empty_data_is_an_error() {
     let out = dir.path().join("out");
     let source = Source::Files { log: log_path.clone(), signals: signals_path };
     let cfg = DatasetConfig { holdout: 0.0, ..DatasetConfig::default() };
-    let stats = dataset::run(&cfg, &source, &out).unwrap();
+    let stats = dataset::run(&cfg, &source, &out).unwrap().stats;
     assert_eq!(stats.rl_train, 2);
     let rl: Vec<RlRecord> =
         read_records(&std::fs::read_to_string(out.join(dataset::RL_TRAIN_FILE)).unwrap()).unwrap();

@@ -5,16 +5,10 @@ use std::path::Path;
 
 use alignx_trainer::init::{self, Preset};
 use alignx_trainer::model_store::{ModelStore, StoreError, VersionMeta};
-use alignx_trainer::onnx::export::{ExportOptions, KvLayout, Logits};
+use alignx_trainer::onnx::export::ExportOptions;
 
 fn meta() -> VersionMeta {
-    VersionMeta {
-        id: String::new(),
-        parent: None,
-        created_unix_s: 0,
-        dataset_hash: None,
-        notes: serde_json::Value::Null,
-    }
+    VersionMeta::new(None, None, serde_json::Value::Null)
 }
 
 #[test]
@@ -24,7 +18,7 @@ fn versions_are_published_whole_pointed_at_atomically_and_locked() {
     std::fs::write(&corpus, "a small corpus for a small tokenizer <answer> </answer> ".repeat(50)).unwrap();
     let model = dir.path().join("model");
     init::init(&corpus, &Preset::Tiny.shape(), 0, &model, false).unwrap();
-    let options = ExportOptions { logits: Logits::Last, kv_layout: KvLayout::Shared, ..Default::default() };
+    let options = ExportOptions::for_consumer();
 
     let store = ModelStore::open(&dir.path().join("store")).unwrap();
     assert!(matches!(store.current(None), Err(StoreError::NoCurrent(_))));
@@ -51,6 +45,18 @@ fn versions_are_published_whole_pointed_at_atomically_and_locked() {
     assert!(v2.served.join("model.onnx").is_file() && v2.policy.join("model.safetensors").is_file());
     let m = store.meta(&v2).unwrap();
     assert_eq!((m.id.as_str(), m.parent.as_deref()), ("v0002", Some("v0001")));
+    // A moved-in training output keeps its files but not its checkpoints.
+    let trained = dir.path().join("trained");
+    std::fs::create_dir(&trained).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, trained.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir(trained.join("checkpoint-2")).unwrap();
+    std::fs::write(trained.join("rl_log.jsonl"), "{}\n").unwrap();
+    let v3 = store.publish(&trained, true, meta(), &options).unwrap();
+    assert!(!trained.exists(), "moved, not copied");
+    assert!(v3.policy.join("rl_log.jsonl").is_file() && !v3.policy.join("checkpoint-2").exists());
     // Nothing half-written is left behind.
     for sub in ["versions", "policies"] {
         let names: Vec<String> = std::fs::read_dir(store.root().join(sub))

@@ -87,6 +87,14 @@ pub struct ExportOptions {
     pub force_external: bool,
 }
 
+impl ExportOptions {
+    /// What alignx-consumer serves fastest (and only it serves): the in-place cache
+    /// layout, logits for the last position. The recipe and the model store export so.
+    pub fn for_consumer() -> Self {
+        Self { logits: Logits::Last, kv_layout: KvLayout::Shared, ..Default::default() }
+    }
+}
+
 impl ExportDtype {
     fn onnx(self) -> i32 {
         match self {
