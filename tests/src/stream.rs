@@ -363,6 +363,17 @@ pub fn expected_counts(messages: &[Produced]) -> BTreeMap<String, [u64; 3]> {
     out
 }
 
+/// Signals consumed by the given users' summaries: `signals_applied` + `signals_failed`
+/// (a real model's window that never gave an answer is failed, not lost).
+pub fn consumed_total<U: AsRef<str>>(redis: &mut redis::Connection, users: &[U]) -> anyhow::Result<u64> {
+    let mut pipe = redis::pipe();
+    for u in users {
+        pipe.cmd("HMGET").arg(UserKeys::new(u.as_ref()).summary).arg("signals_applied").arg("signals_failed");
+    }
+    let rows: Vec<(Option<u64>, Option<u64>)> = pipe.query(redis)?;
+    Ok(rows.into_iter().map(|(a, f)| a.unwrap_or(0) + f.unwrap_or(0)).sum())
+}
+
 /// Sum of `signals_applied` over the given users (0 for users without a summary).
 pub fn applied_total(redis: &mut redis::Connection, users: &[&String]) -> anyhow::Result<u64> {
     let mut pipe = redis::pipe();

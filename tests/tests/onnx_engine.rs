@@ -283,10 +283,10 @@ fn a_model_dir_missing_pieces_is_refused_by_name() {
 #[test]
 fn the_pipeline_serves_an_exported_model() {
     use alignx_schemas::inference_log::InferenceLogRecord;
-    use alignx_schemas::keys::{self, UserKeys};
+    use alignx_schemas::keys;
     use alignx_tests::services::{http_get, start_redis, start_tansu};
     use alignx_tests::stream::{
-        ConsumerProcess, create_topics, expected_counts, produce, read_topic, scenario,
+        ConsumerProcess, consumed_total, create_topics, expected_counts, produce, read_topic, scenario,
     };
 
     let dir = tempfile::tempdir().unwrap();
@@ -338,16 +338,8 @@ fn the_pipeline_serves_an_exported_model() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         assert!(consumer.is_running(), "{}", consumer.log());
-        let mut consumed = 0u64;
-        for user in expected.keys() {
-            let (applied, failed): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-                .arg(UserKeys::new(user).summary)
-                .arg("signals_applied")
-                .arg("signals_failed")
-                .query(&mut r)
-                .unwrap();
-            consumed += applied.unwrap_or(0) + failed.unwrap_or(0);
-        }
+        let users: Vec<&String> = expected.keys().collect();
+        let consumed = consumed_total(&mut r, &users).unwrap();
         if consumed == want {
             break;
         }
@@ -396,9 +388,11 @@ fn the_pipeline_serves_an_exported_model() {
 #[test]
 fn a_new_model_version_is_swapped_in_without_losing_work() {
     use alignx_schemas::inference_log::InferenceLogRecord;
-    use alignx_schemas::keys::{self, UserKeys};
+    use alignx_schemas::keys;
     use alignx_tests::services::{http_get, start_redis, start_tansu};
-    use alignx_tests::stream::{ConsumerProcess, Produced, create_topics, produce, read_topic};
+    use alignx_tests::stream::{
+        ConsumerProcess, Produced, consumed_total, create_topics, produce, read_topic,
+    };
     use std::time::{Duration, Instant};
 
     let dir = tempfile::tempdir().unwrap();
@@ -463,17 +457,8 @@ fn a_new_model_version_is_swapped_in_without_losing_work() {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             assert!(consumer.is_running(), "{}", consumer.log());
-            let consumed: u64 = (0..4)
-                .map(|u| {
-                    let (a, f): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-                        .arg(UserKeys::new(&format!("user-{u}")).summary)
-                        .arg("signals_applied")
-                        .arg("signals_failed")
-                        .query(r)
-                        .unwrap();
-                    a.unwrap_or(0) + f.unwrap_or(0)
-                })
-                .sum();
+            let users: Vec<String> = (0..4).map(|u| format!("user-{u}")).collect();
+            let consumed = consumed_total(r, &users).unwrap();
             if consumed == sent {
                 return;
             }

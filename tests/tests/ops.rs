@@ -13,8 +13,8 @@ use alignx_schemas::inference_log::LogTopicRecord;
 use alignx_schemas::keys::{self, UserKeys};
 use alignx_tests::services::{Service, start_redis, start_tansu};
 use alignx_tests::stream::{
-    ConsumerProcess, Produced, audit, committed, consumer_binary, create_topics, input_ends, produce,
-    read_topic, scenario, wait_until_done,
+    ConsumerProcess, Produced, audit, committed, consumed_total, consumer_binary, create_topics, input_ends,
+    produce, read_topic, scenario, wait_until_done,
 };
 
 struct World {
@@ -407,14 +407,7 @@ fn backfill_of_1000_users_with_the_tiny_model() {
         .into_iter()
         .collect();
     // Every signal consumed once: applied or (the model wrote no answer) failed.
-    let consumed = |redis: &mut redis::Connection| -> u64 {
-        let mut pipe = redis::pipe();
-        for u in &users {
-            pipe.cmd("HMGET").arg(UserKeys::new(u).summary).arg("signals_applied").arg("signals_failed");
-        }
-        let rows: Vec<(Option<u64>, Option<u64>)> = pipe.query(redis).unwrap();
-        rows.into_iter().map(|(a, f)| a.unwrap_or(0) + f.unwrap_or(0)).sum()
-    };
+    let consumed = |redis: &mut redis::Connection| consumed_total(redis, &users).unwrap();
     let wait = |redis: &mut redis::Connection, want: u64, consumer: &mut ConsumerProcess| {
         let deadline = Instant::now() + Duration::from_secs(1_800);
         loop {

@@ -15,10 +15,11 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use alignx_schemas::inference_log::InferenceLogRecord;
-use alignx_schemas::keys::{self, UserKeys};
+use alignx_schemas::keys;
 use alignx_tests::services::{http_get, start_pushgateway, start_redis, start_tansu};
 use alignx_tests::stream::{
-    ConsumerProcess, Produced, create_topics, produce_unbatched as produce, read_topic, workspace_binary,
+    ConsumerProcess, Produced, consumed_total, create_topics, produce_unbatched as produce, read_topic,
+    workspace_binary,
 };
 use alignx_trainer::recipe::{self, TinyRecipe};
 
@@ -76,18 +77,7 @@ fn consumed(r: &mut redis::Connection, users: &[String], want: u64, consumer: &m
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         assert!(consumer.is_running(), "{}", consumer.log());
-        let got: u64 = users
-            .iter()
-            .map(|u| {
-                let (a, f): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-                    .arg(UserKeys::new(u).summary)
-                    .arg("signals_applied")
-                    .arg("signals_failed")
-                    .query(r)
-                    .unwrap();
-                a.unwrap_or(0) + f.unwrap_or(0)
-            })
-            .sum();
+        let got = consumed_total(r, users).unwrap();
         if got == want {
             return;
         }
