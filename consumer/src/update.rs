@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use alignx_schemas::answer::{AnswerFailure, parse_answer};
 use alignx_schemas::inference_log::{InferenceLogRecord, InferenceLogSchema, LoggedSignal, UpdateOutcome};
 use alignx_schemas::prompt::{Evidence, Setting, Templates};
+use alignx_schemas::rng::Fnv1a;
 use alignx_schemas::summary::{SummaryRecord, SummarySchema};
 
 use crate::engine::{Engine, EngineSlot, Generation, UpdateRequest};
@@ -363,10 +364,9 @@ fn failure_outcome(f: AnswerFailure) -> UpdateOutcome {
 
 /// A reproducible sampling seed per (user, version, attempt): FNV-1a of the three.
 fn seed(user: &str, version: u64, attempt: u32) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in user.bytes().chain(version.to_le_bytes()).chain(attempt.to_le_bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    Fnv1a::default()
+        .write(user.as_bytes())
+        .write(&version.to_le_bytes())
+        .write(&attempt.to_le_bytes())
+        .finish()
 }

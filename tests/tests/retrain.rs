@@ -90,14 +90,7 @@ fn consumed(r: &mut redis::Connection, users: &[String], want: u64, consumer: &m
 fn retrain_builds_from_the_log_gates_promotes_and_the_consumer_switches() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
-    let quick = TinyRecipe {
-        users: 30,
-        policy_steps: 3,
-        judge_steps: 3,
-        batch_size: 4,
-        hidden: 64,
-        ..TinyRecipe::default()
-    };
+    let quick = TinyRecipe::smoke();
     // ALIGNX_RETRAIN_RECIPE=tiny: the full tiny recipe instead (cached; ~8 minutes to
     // build on 2 cores), whose policy writes real summaries — to watch the gate at work.
     let full = std::env::var("ALIGNX_RETRAIN_RECIPE").as_deref() == Ok("tiny");

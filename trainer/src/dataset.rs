@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use alignx_schemas::inference_log::{InferenceLogRecord, LogTopicRecord, LoggedSignal, UpdateOutcome};
 use alignx_schemas::prompt::{Evidence, Setting, Templates};
+use alignx_schemas::rng::Fnv1a;
 use alignx_schemas::signal::{Signal, SignalBody};
 use alignx_schemas::training::{
     Choice, Comparison, RlRecord, StreamingEntry, StreamingRlRecord, StreamingStep,
@@ -108,16 +109,10 @@ pub enum DatasetError {
     Kafka(String),
 }
 
-/// FNV-1a, for the split and the A/B seeds: stable across runs, platforms and versions.
+/// FNV-1a of `parts`, each followed by 0xff (so `["ab", "c"]` and `["a", "bc"]`
+/// differ), for the split and the A/B seeds: stable across runs, platforms and versions.
 pub(crate) fn fnv(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for &b in *p {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        h = (h ^ 0xff).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    parts.iter().fold(Fnv1a::default(), |h, p| h.write(p).write(&[0xff])).finish()
 }
 
 /// Whether `user` is held out: the same answer for a seed whatever else is in the log.

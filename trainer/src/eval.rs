@@ -111,8 +111,7 @@ impl<'a> From<&'a RlRecord> for Judged<'a> {
     }
 }
 
-/// Per item: (credit, probability of the user's answer) — credit 1 when the judge's more
-/// likely answer is the user's, ½ on a tie, else 0.
+/// Per item: ([`credit`], probability of the user's answer).
 fn judged(
     judge: &Judge,
     items: &[Judged<'_>],
@@ -130,16 +129,22 @@ fn judged(
         .zip(&p)
         .map(|(r, pa)| {
             let right = if r.answer == Choice::A { *pa } else { 1.0 - pa };
-            let credit = if right > 0.5 {
-                1.0
-            } else if right == 0.5 {
-                0.5
-            } else {
-                0.0
-            };
-            (credit, right)
+            (credit(right), right)
         })
         .collect())
+}
+
+/// ACC_jud's credit for one item, from the judge's probability of the user's answer:
+/// 1 when that answer is the more likely, ½ on a tie, else 0. Also R_jud's hard reward,
+/// so training and the promotion gate count alike.
+pub fn credit(p_right: f64) -> f64 {
+    if p_right > 0.5 {
+        1.0
+    } else if p_right == 0.5 {
+        0.5
+    } else {
+        0.0
+    }
 }
 
 fn mean_score(per_item: &[(f64, f64)]) -> Score {
@@ -161,8 +166,8 @@ pub fn score(
 }
 
 /// A second policy against the first on the same items: the paired difference of their
-/// per-item credit, with its standard error (items of one user are not independent, so
-/// read it as a lower bound on the uncertainty).
+/// per-item credit, with its standard error clustered by history (the items of one
+/// history share one summary, so they are not independent draws).
 #[derive(Debug, Clone, Serialize)]
 pub struct Paired {
     pub policy: String,
@@ -170,21 +175,37 @@ pub struct Paired {
     /// ACC_jud of this policy minus the first's.
     pub difference: f64,
     pub standard_error: f64,
+    /// Histories (summaries) the standard error treats as independent.
+    pub clusters: usize,
     /// Items only this policy got right, and only the first.
     pub better: usize,
     pub worse: usize,
 }
 
-fn paired(policy: &std::path::Path, first: &[(f64, f64)], second: &[(f64, f64)]) -> Paired {
+/// `cluster[i]`: which history item `i` belongs to (dense indices from 0).
+fn paired(
+    policy: &std::path::Path,
+    first: &[(f64, f64)],
+    second: &[(f64, f64)],
+    cluster: &[usize],
+) -> Paired {
     let d: Vec<f64> = first.iter().zip(second).map(|(a, b)| b.0 - a.0).collect();
     let n = d.len().max(1) as f64;
     let mean = d.iter().sum::<f64>() / n;
-    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let clusters = cluster.iter().max().map_or(0, |m| m + 1);
+    let mut residual = vec![0.0; clusters];
+    for (&c, x) in cluster.iter().zip(&d) {
+        residual[c] += x - mean;
+    }
+    // Cluster-robust variance of a mean, with the small-sample factor C/(C−1).
+    let g = clusters as f64;
+    let var = residual.iter().map(|r| r * r).sum::<f64>() / (n * n) * g / (g - 1.0).max(1.0);
     Paired {
         policy: policy.display().to_string(),
         score: mean_score(second),
         difference: mean,
-        standard_error: (var / n).sqrt(),
+        standard_error: var.sqrt(),
+        clusters,
         better: d.iter().filter(|&&x| x > 0.0).count(),
         worse: d.iter().filter(|&&x| x < 0.0).count(),
     }
@@ -324,7 +345,7 @@ pub fn run(cfg: &EvalConfig) -> Result<EvalReport, EvalError> {
         examples = summaries.iter().take(3).map(|s| s.clone().unwrap_or_default()).collect();
         policy_score = Some(mean_score(&credit));
         if let Some(other) = &cfg.compare {
-            compared = Some(paired(other, &credit, &judge_policy(other)?.0));
+            compared = Some(paired(other, &credit, &judge_policy(other)?.0, &of));
         }
     }
     Ok(EvalReport {
@@ -356,4 +377,25 @@ pub fn summarise_records(
     let bos = alignx_schemas::prompt::bos_text(policy_dir);
     let prompts: Vec<String> = records.iter().map(|r| templates.wrap(&bos, &r.value)).collect();
     summarise(policy, &prompts, max_new_tokens, batch, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_standard_error_is_clustered_by_history() {
+        let first = [(0.0, 0.0); 4];
+        let second = [(1.0, 1.0), (1.0, 1.0), (0.0, 0.0), (0.0, 0.0)];
+        let p = std::path::Path::new("p");
+        // One item per history: the usual standard error of a mean, s/√n.
+        let iid = paired(p, &first, &second, &[0, 1, 2, 3]);
+        assert!((iid.difference - 0.5).abs() < 1e-12);
+        assert!((iid.standard_error - (1.0f64 / 12.0).sqrt()).abs() < 1e-12, "{}", iid.standard_error);
+        // The gains all in one history and the losses in another: two draws, not four.
+        let clustered = paired(p, &first, &second, &[0, 0, 1, 1]);
+        assert_eq!(clustered.clusters, 2);
+        assert!((clustered.standard_error - 0.5).abs() < 1e-12, "{}", clustered.standard_error);
+        assert_eq!((clustered.better, clustered.worse), (2, 0));
+    }
 }

@@ -335,6 +335,23 @@ struct GrpoArgs {
     /// history, the summary sampled for the first put into the second's prompt.
     #[arg(long, value_enum, default_value = "base")]
     setting: EvalSetting,
+    #[command(flatten)]
+    rl: RlArgs,
+    /// Write OUT/checkpoint-STEP every this many steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue from OUT/checkpoint-STEP of a run with the same settings.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    lora: LoraArgs,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceChoice,
+}
+
+/// The RL hyperparameters `grpo` and `retrain` share.
+#[derive(Debug, Args)]
+struct RlArgs {
     #[arg(long, default_value_t = RlConfig::default().steps)]
     steps: usize,
     /// Prompts per step.
@@ -389,16 +406,35 @@ struct GrpoArgs {
     value_coef: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Write OUT/checkpoint-STEP every this many steps (0: never).
-    #[arg(long, default_value_t = 0)]
-    save_every: usize,
-    /// Continue from OUT/checkpoint-STEP of a run with the same settings.
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    #[command(flatten)]
-    lora: LoraArgs,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceChoice,
+}
+
+impl RlArgs {
+    /// `base` with these hyperparameters.
+    fn config(&self, base: RlConfig) -> RlConfig {
+        RlConfig {
+            steps: self.steps,
+            prompts_per_step: self.prompts_per_step,
+            group_size: self.group_size,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            min_lr_ratio: self.min_lr_ratio,
+            max_grad_norm: self.max_grad_norm,
+            micro_batch: self.micro_batch,
+            clip: self.clip,
+            kl_coef: self.kl_coef,
+            std_normalize: !self.no_std_normalize,
+            soft_reward: matches!(self.reward_mode, RewardMode::Soft),
+            ppo_epochs: self.ppo_epochs,
+            algo: self.algo,
+            gae_lambda: self.gae_lambda,
+            value_coef: self.value_coef,
+            seed: self.seed,
+            ..base
+        }
+    }
 }
 
 /// Where the inference log and the signals are read from: JSONL dumps, or the topics.
@@ -562,24 +598,8 @@ struct RetrainArgs {
     /// consecutive updates of a user, the first's sample in the second's prompt.
     #[arg(long, value_enum, default_value = "base")]
     rl_setting: EvalSetting,
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    #[arg(long, default_value_t = RlConfig::default().prompts_per_step)]
-    prompts_per_step: usize,
-    #[arg(long, default_value_t = RlConfig::default().group_size)]
-    group_size: usize,
-    #[arg(long, default_value_t = RlConfig::default().temperature)]
-    temperature: f64,
-    #[arg(long, default_value_t = RlConfig::default().max_new_tokens)]
-    max_new_tokens: usize,
-    #[arg(long, default_value_t = RlConfig::default().lr)]
-    lr: f64,
-    #[arg(long, default_value_t = 0.0)]
-    kl_coef: f64,
-    #[arg(long, value_enum, default_value = "hard")]
-    reward_mode: RewardMode,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    rl: RlArgs,
     /// Summaries per forward pass in the holdout evaluation.
     #[arg(long, default_value_t = 32)]
     eval_batch: usize,
@@ -711,30 +731,10 @@ fn run_sft(a: SftArgs) -> anyhow::Result<()> {
 }
 
 fn run_grpo(a: GrpoArgs) -> anyhow::Result<()> {
-    let cfg = RlConfig {
+    let base = RlConfig {
         setting: a.setting,
-        steps: a.steps,
-        prompts_per_step: a.prompts_per_step,
-        group_size: a.group_size,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        max_new_tokens: a.max_new_tokens,
-        lr: a.lr,
-        warmup_steps: a.warmup_steps,
-        min_lr_ratio: a.min_lr_ratio,
-        max_grad_norm: a.max_grad_norm,
-        micro_batch: a.micro_batch,
-        clip: a.clip,
-        kl_coef: a.kl_coef,
-        std_normalize: !a.no_std_normalize,
-        soft_reward: matches!(a.reward_mode, RewardMode::Soft),
         reward: a.reward,
         margin: a.margin,
-        ppo_epochs: a.ppo_epochs,
-        algo: a.algo,
-        gae_lambda: a.gae_lambda,
-        value_coef: a.value_coef,
-        seed: a.seed,
         save_every: a.save_every,
         resume: a.resume,
         device: device::resolve(a.device)?,
@@ -742,6 +742,7 @@ fn run_grpo(a: GrpoArgs) -> anyhow::Result<()> {
         lora: a.lora.config()?,
         ..RlConfig::new(a.policy, a.judge, a.data, a.out)
     };
+    let cfg = a.rl.config(base);
     tch::manual_seed(cfg.seed as i64);
     let summary = rl::run(&cfg)?;
     println!("{}", serde_json::to_string(&summary)?);
@@ -833,23 +834,14 @@ fn run_retrain(a: RetrainArgs) -> anyhow::Result<()> {
         source: a.source.source()?,
         dataset: a.dataset.config()?,
         judge: a.judge,
-        rl: RlConfig {
+        rl: a.rl.config(RlConfig {
             setting: a.rl_setting,
-            steps: a.steps,
-            prompts_per_step: a.prompts_per_step,
-            group_size: a.group_size,
-            temperature: a.temperature,
-            max_new_tokens: a.max_new_tokens,
-            lr: a.lr,
-            kl_coef: a.kl_coef,
-            soft_reward: matches!(a.reward_mode, RewardMode::Soft),
-            seed: a.seed,
             device,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             ..RlConfig::default()
-        },
+        }),
         tolerance: a.tolerance,
-        eval_max_new_tokens: a.max_new_tokens,
+        eval_max_new_tokens: a.rl.max_new_tokens,
         eval_batch: a.eval_batch,
         pushgateway: a.pushgateway,
         export: ExportOptions::for_consumer(),

@@ -50,6 +50,15 @@ impl Default for TinyRecipe {
     }
 }
 
+impl TinyRecipe {
+    /// The smallest recipe on which every stage runs, in seconds: for tests of the
+    /// plumbing (its models are untrained). Head dim 16: the shared-cache export needs
+    /// a multiple of 16.
+    pub fn smoke() -> Self {
+        Self { users: 30, policy_steps: 3, judge_steps: 3, batch_size: 4, hidden: 64, ..Self::default() }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Stage {
     pub name: &'static str,
@@ -124,10 +133,7 @@ fn io(path: &Path, e: impl std::fmt::Display) -> RecipeError {
 /// The cache key: FNV-1a of the recipe version and configuration.
 pub fn key(recipe: &TinyRecipe) -> String {
     let text = format!("{RECIPE_VERSION}{}", serde_json::to_string(recipe).expect("serialisable"));
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = alignx_schemas::rng::Fnv1a::default().write(text.as_bytes()).finish();
     format!("{RECIPE_VERSION}-{h:016x}")
 }
 

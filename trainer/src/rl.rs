@@ -370,13 +370,7 @@ impl Runner<'_> {
                 for (&(i, _), pa) in scored.iter().zip(judge.prob_a(&items, 32)?) {
                     let p_right = if tasks[i / n].truth == Choice::A { pa } else { 1.0 - pa };
                     right[i] = p_right > 0.5;
-                    rewards[i] = if self.cfg.soft_reward {
-                        p_right
-                    } else if right[i] {
-                        1.0
-                    } else {
-                        0.0
-                    };
+                    rewards[i] = if self.cfg.soft_reward { p_right } else { crate::eval::credit(p_right) };
                 }
             }
             Scorer::Gen(generator) => {

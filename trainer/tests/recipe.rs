@@ -8,14 +8,7 @@ use alignx_trainer::recipe::{self, TinyRecipe};
 fn every_stage_runs_and_a_finished_recipe_is_reused() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
-    let quick = TinyRecipe {
-        users: 30,
-        policy_steps: 3,
-        judge_steps: 3,
-        batch_size: 4,
-        hidden: 64, // head_dim 16: the shared-cache export needs a multiple of 16
-        ..TinyRecipe::default()
-    };
+    let quick = TinyRecipe::smoke();
     let out = dir.path().join(recipe::key(&quick));
     let built = recipe::tiny(&quick, &out, false).unwrap();
     assert_eq!(built, out);
