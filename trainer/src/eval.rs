@@ -128,10 +128,15 @@ fn judged(
         .iter()
         .zip(&p)
         .map(|(r, pa)| {
-            let right = if r.answer == Choice::A { *pa } else { 1.0 - pa };
+            let right = p_right(r.answer, *pa);
             (credit(right), right)
         })
         .collect())
+}
+
+/// The judge's probability of the user's answer, from its probability of `A`.
+pub fn p_right(answer: Choice, p_a: f64) -> f64 {
+    if answer == Choice::A { p_a } else { 1.0 - p_a }
 }
 
 /// ACC_jud's credit for one item, from the judge's probability of the user's answer:

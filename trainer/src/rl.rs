@@ -368,7 +368,7 @@ impl Runner<'_> {
                     })
                     .collect();
                 for (&(i, _), pa) in scored.iter().zip(judge.prob_a(&items, 32)?) {
-                    let p_right = if tasks[i / n].truth == Choice::A { pa } else { 1.0 - pa };
+                    let p_right = crate::eval::p_right(tasks[i / n].truth, pa);
                     right[i] = p_right > 0.5;
                     rewards[i] = if self.cfg.soft_reward { p_right } else { crate::eval::credit(p_right) };
                 }
