@@ -123,6 +123,22 @@ fn chart_lints_renders_valid_manifests_and_refuses_bad_values() {
         .collect();
     assert_eq!(args[0], "retrain");
     assert!(args.contains(&"--pushgateway=http://pushgateway.monitoring:9091"), "{args:?}");
+    // The job reaches Kafka as the consumer does: the same config file (ALIGNX_CONFIG),
+    // which the trainer reads — topics, settings, the Secret mounted as a file.
+    let retrain = &job["template"]["spec"]["containers"][0];
+    let env = retrain["env"].as_array().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "ALIGNX_CONFIG" && e["value"] == "/etc/alignx/config/config.toml")
+    );
+    let mounts = retrain["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/etc/alignx/kafka-secrets/0"), "{mounts:?}");
+    let config_file = out.path().join("gpu-keda-config.toml");
+    std::fs::write(&config_file, &config).unwrap();
+    let kafka = alignx_trainer::kafka::ServiceKafka::from_file(&config_file).unwrap();
+    assert_eq!(kafka.settings_files["sasl.password"], Path::new("/etc/alignx/kafka-secrets/0/value"));
+    assert_eq!(kafka.settings["security.protocol"], "SASL_SSL");
+    assert_eq!(kafka.input_topic.as_deref(), Some(alignx_schemas::keys::SIGNALS_TOPIC));
+    assert_eq!(kafka.log_topic.as_deref(), Some(alignx_schemas::keys::INFERENCE_LOG_TOPIC));
 
     // The HPA variant never renders a ScaledObject.
     let hpa = rendered(out.path(), "cpu-hpa");

@@ -152,8 +152,23 @@ fn retrain_builds_from_the_log_gates_promotes_and_the_consumer_switches() {
     consumed(&mut r, &users, sent, &mut consumer);
 
     let judge_dir = judge.to_str().unwrap();
+    // Kafka as the chart gives it to the job: the consumer's config file (ALIGNX_CONFIG
+    // there), a client setting read from a mounted Secret file.
+    let secret = dir.path().join("kafka-secret");
+    std::fs::write(&secret, "alignx-retrain-test\n").unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = {brokers:?}\ngroup_id = \"alignx-consumer\"\n[kafka.settings_files]\n\
+             \"client.id\" = {:?}\n[redis]\ncluster = false\n",
+            secret.display().to_string()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
     let retrain_args = |tolerance: &'static str| -> Vec<&str> {
-        let mut args = vec!["retrain", "--model-store", s, "--judge", judge_dir, "--brokers", &brokers];
+        let mut args = vec!["retrain", "--model-store", s, "--judge", judge_dir, "--config", config];
         args.extend(["--redis-url", &redis_url, "--pushgateway", &push_url, "--holdout", "0.5"]);
         args.extend(["--steps", "2", "--prompts-per-step", "2", "--group-size", "2"]);
         args.extend(["--max-new-tokens", tokens, "--tolerance", tolerance]);

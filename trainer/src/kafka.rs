@@ -4,7 +4,8 @@
 //! serving consumer's group is never touched. (tansu, the test broker, reports wrong
 //! high watermarks for batched produce — DESIGN.md §8 — so its tests produce unbatched.)
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use alignx_schemas::inference_log::{LogTopicRecord, LoggedSignal};
@@ -13,6 +14,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
 
 use crate::dataset::DatasetError;
 
@@ -130,5 +132,107 @@ impl KafkaSource {
             }
         }
         Ok((signals, invalid))
+    }
+}
+
+/// The `[kafka]` section of the service's configuration file: the TOML `alignx-consumer
+/// run --config` reads, which the Helm chart mounts into the retraining job as well
+/// (`ALIGNX_CONFIG`), so that both reach the same brokers and topics with the same client
+/// settings and secrets. The consumer's `config.rs` owns the format; the keys read here
+/// mean the same, every other key and section is the consumer's and ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ServiceKafka {
+    pub brokers: Option<String>,
+    pub input_topic: Option<String>,
+    pub log_topic: Option<String>,
+    /// librdkafka properties (SASL, TLS, …).
+    pub settings: BTreeMap<String, String>,
+    /// librdkafka properties whose value is a file's content (a mounted Secret).
+    pub settings_files: BTreeMap<String, PathBuf>,
+}
+
+impl ServiceKafka {
+    pub fn from_file(path: &Path) -> Result<Self, DatasetError> {
+        #[derive(Deserialize)]
+        struct File {
+            #[serde(default)]
+            kafka: ServiceKafka,
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DatasetError::Read { path: path.to_owned(), message: e.to_string() })?;
+        let file: File = toml::from_str(&text)
+            .map_err(|e| DatasetError::Read { path: path.to_owned(), message: e.to_string() })?;
+        Ok(file.kafka)
+    }
+}
+
+/// librdkafka settings from values and from files (`KEY=PATH`: the value is the file's
+/// content less trailing newlines, as the consumer reads it), the latter for secrets,
+/// which should never sit in arguments or the environment. A key given both ways is an
+/// error rather than a silent choice.
+pub fn settings(
+    values: impl IntoIterator<Item = (String, String)>,
+    files: impl IntoIterator<Item = (String, PathBuf)>,
+) -> Result<Vec<(String, String)>, DatasetError> {
+    let mut out: BTreeMap<String, String> = values.into_iter().collect();
+    for (key, path) in files {
+        if out.contains_key(&key) {
+            return Err(DatasetError::Kafka(format!("setting {key} is given both as a value and as a file")));
+        }
+        let raw = std::fs::read_to_string(&path).map_err(|e| DatasetError::Read {
+            path: path.clone(),
+            message: format!("Kafka setting {key}: {e}"),
+        })?;
+        out.insert(key, raw.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    Ok(out.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_kafka_section_of_the_consumers_config_and_secrets_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("value");
+        std::fs::write(&secret, "s3cr3t\n").unwrap();
+        // As the chart's ConfigMap writes it: the consumer's other sections are ignored.
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "metrics_addr = \"0.0.0.0:9464\"\n[kafka]\ngroup_id = \"alignx-consumer\"\n\
+                 input_topic = \"prod.signals\"\nlog_topic = \"prod.log\"\n\
+                 [kafka.settings]\n\"security.protocol\" = \"SASL_SSL\"\n\
+                 [kafka.settings_files]\n\"sasl.password\" = {:?}\n[redis]\ncluster = false\n",
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let k = ServiceKafka::from_file(&config).unwrap();
+        assert_eq!(
+            (k.input_topic.as_deref(), k.log_topic.as_deref()),
+            (Some("prod.signals"), Some("prod.log"))
+        );
+        assert_eq!(k.brokers, None);
+        let got = settings(k.settings, k.settings_files).unwrap();
+        assert_eq!(
+            got,
+            [
+                ("sasl.password".to_owned(), "s3cr3t".to_owned()),
+                ("security.protocol".into(), "SASL_SSL".into())
+            ]
+        );
+
+        let both =
+            settings([("sasl.password".to_owned(), "x".to_owned())], [("sasl.password".to_owned(), secret)]);
+        assert!(both.unwrap_err().to_string().contains("both as a value and as a file"));
+        let missing = settings([], [("sasl.password".to_owned(), dir.path().join("nope"))]);
+        assert!(missing.unwrap_err().to_string().contains("sasl.password"));
+        std::fs::write(&config, "[kafka]\nbrokers = [1]\n").unwrap();
+        let bad = ServiceKafka::from_file(&config).unwrap_err().to_string();
+        assert!(bad.contains("config.toml") && bad.contains("brokers"), "{bad}");
     }
 }

@@ -11,7 +11,7 @@ use alignx_trainer::device::{self, DeviceChoice};
 use alignx_trainer::eval::{self, EvalConfig, EvalSetting};
 use alignx_trainer::generate::{self, SamplingParams};
 use alignx_trainer::init::{self, Preset};
-use alignx_trainer::kafka::KafkaSource;
+use alignx_trainer::kafka::{self, KafkaSource, ServiceKafka};
 use alignx_trainer::lora::LoraConfig;
 use alignx_trainer::model_dir::{self, Dtype};
 use alignx_trainer::model_store::{ModelStore, RedisPointer, VersionMeta};
@@ -448,19 +448,31 @@ struct DataSourceArgs {
     /// alignx.signal.v1 objects in stream order.
     #[arg(long, requires = "log_jsonl")]
     signals_jsonl: Option<PathBuf>,
+    /// The service's configuration file (the consumer's TOML, which the Helm chart mounts
+    /// into this job too): its `[kafka]` brokers, input_topic, log_topic, settings and
+    /// settings_files are the defaults of the flags below.
+    #[arg(long, env = "ALIGNX_CONFIG")]
+    config: Option<PathBuf>,
     /// Kafka bootstrap servers: both topics are read whole, up to their ends at start.
     #[arg(long, env = "ALIGNX_BROKERS")]
     brokers: Option<String>,
-    #[arg(long, default_value = alignx_schemas::keys::INFERENCE_LOG_TOPIC)]
-    log_topic: String,
-    #[arg(long, default_value = alignx_schemas::keys::SIGNALS_TOPIC)]
-    signals_topic: String,
+    /// Inference-log topic [default: the config file's, else alignx.inference-log].
+    #[arg(long)]
+    log_topic: Option<String>,
+    /// Signals topic [default: the config file's input_topic, else alignx.signals].
+    #[arg(long)]
+    signals_topic: Option<String>,
     /// Consumer group of the reader (offsets are never committed).
     #[arg(long, default_value = "alignx-trainer-dataset")]
     group: String,
     /// Extra librdkafka setting KEY=VALUE (repeatable): security.protocol, sasl.*, ssl.*.
-    #[arg(long = "kafka-setting", value_parser = parse_key_value)]
+    /// Secrets belong in --kafka-setting-file: arguments are visible in `ps`.
+    #[arg(long = "kafka-setting", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     kafka_settings: Vec<(String, String)>,
+    /// librdkafka setting whose value is a file's content, e.g.
+    /// `sasl.password=/run/secrets/kafka-password` (repeatable; trailing newlines dropped).
+    #[arg(long = "kafka-setting-file", value_name = "KEY=PATH", value_parser = parse_key_value)]
+    kafka_setting_files: Vec<(String, String)>,
     /// Seconds to wait for the broker (metadata, and between messages).
     #[arg(long, default_value_t = 30)]
     kafka_timeout_s: u64,
@@ -472,23 +484,43 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 }
 
 impl DataSourceArgs {
+    /// Dumps when given; else the topics, flags over the config file over defaults.
     fn source(&self) -> anyhow::Result<dataset::Source> {
-        match (&self.log_jsonl, &self.signals_jsonl, &self.brokers) {
-            (Some(log), Some(signals), _) => {
-                Ok(dataset::Source::Files { log: log.clone(), signals: signals.clone() })
-            }
-            (_, _, Some(brokers)) => Ok(dataset::Source::Kafka {
-                kafka: KafkaSource {
-                    brokers: brokers.clone(),
-                    group: self.group.clone(),
-                    settings: self.kafka_settings.clone(),
-                    timeout: std::time::Duration::from_secs(self.kafka_timeout_s.max(1)),
-                },
-                log_topic: self.log_topic.clone(),
-                signals_topic: self.signals_topic.clone(),
-            }),
-            _ => anyhow::bail!("give --brokers (read the topics) or --log-jsonl and --signals-jsonl (dumps)"),
+        if let (Some(log), Some(signals)) = (&self.log_jsonl, &self.signals_jsonl) {
+            return Ok(dataset::Source::Files { log: log.clone(), signals: signals.clone() });
         }
+        let file = match &self.config {
+            Some(path) => ServiceKafka::from_file(path)?,
+            None => ServiceKafka::default(),
+        };
+        let Some(brokers) = self.brokers.clone().or(file.brokers) else {
+            anyhow::bail!(
+                "give --brokers (or a --config whose [kafka] has brokers) to read the topics, or --log-jsonl \
+                 and --signals-jsonl (dumps)"
+            )
+        };
+        // A key set by a flag replaces the file's, whichever way either gives it.
+        let (mut values, mut files) = (file.settings, file.settings_files);
+        for (k, v) in &self.kafka_settings {
+            files.remove(k);
+            values.insert(k.clone(), v.clone());
+        }
+        for (k, path) in &self.kafka_setting_files {
+            values.remove(k);
+            files.insert(k.clone(), PathBuf::from(path));
+        }
+        Ok(dataset::Source::Kafka {
+            kafka: KafkaSource {
+                brokers,
+                group: self.group.clone(),
+                settings: kafka::settings(values, files)?,
+                timeout: std::time::Duration::from_secs(self.kafka_timeout_s.max(1)),
+            },
+            log_topic: (self.log_topic.clone().or(file.log_topic))
+                .unwrap_or_else(|| alignx_schemas::keys::INFERENCE_LOG_TOPIC.to_owned()),
+            signals_topic: (self.signals_topic.clone().or(file.input_topic))
+                .unwrap_or_else(|| alignx_schemas::keys::SIGNALS_TOPIC.to_owned()),
+        })
     }
 }
 
