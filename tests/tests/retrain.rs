@@ -321,6 +321,16 @@ fn retrain_refuses_a_store_without_versions_and_a_log_without_later_pairs() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no RL records") && err.contains("0 log records"), "{err}");
+    // Dumps win over brokers from the environment (as in the chart's pods).
+    let out = Command::new(workspace_binary("alignx-trainer").unwrap())
+        .args(["build-dataset", "--log-jsonl", log.to_str().unwrap(), "--signals-jsonl"])
+        .arg(&signals)
+        .args(["--out", dir.path().join("ds").to_str().unwrap()])
+        .env("ALIGNX_BROKERS", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("0 log records"), "{err}");
     let out = Command::new(workspace_binary("alignx-trainer").unwrap())
         .args(["build-dataset", "--out", "x"])
         .output()

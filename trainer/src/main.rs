@@ -441,8 +441,9 @@ impl RlArgs {
 #[derive(Debug, Args)]
 struct DataSourceArgs {
     /// JSONL dump of the inference-log topic (one record per line). With
-    /// --signals-jsonl, instead of Kafka.
-    #[arg(long, requires = "signals_jsonl", conflicts_with = "brokers")]
+    /// --signals-jsonl, instead of Kafka (any --brokers or ALIGNX_BROKERS is then unused:
+    /// the chart's pods set it).
+    #[arg(long, requires = "signals_jsonl")]
     log_jsonl: Option<PathBuf>,
     /// JSONL dump of signals: `{partition, offset, signal}` per line, or bare
     /// alignx.signal.v1 objects in stream order.
