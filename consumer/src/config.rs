@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use alignx_schemas::prompt::{TemplateError, Templates};
-use alignx_schemas::{Limits, defaults, keys};
+use alignx_schemas::{Limits, defaults, keys, secret_file};
 
 use crate::onnx_model::DeviceChoice;
 use crate::sampler::SamplingParams;
@@ -523,12 +523,12 @@ impl RunConfig {
                     "Kafka setting {key} is given both as a value and as a file"
                 )));
             }
-            let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::SettingFile {
+            let value = secret_file::read(path).map_err(|source| ConfigError::SettingFile {
                 key: key.clone(),
                 path: path.clone(),
                 source,
             })?;
-            k.settings.insert(key.clone(), SettingValue(raw.trim_end_matches(['\n', '\r']).to_owned()));
+            k.settings.insert(key.clone(), SettingValue(value));
         }
         set(&mut self.redis.url, a.conn.redis_url);
         self.redis.cluster |= a.conn.redis_cluster;
@@ -536,11 +536,10 @@ impl RunConfig {
             self.redis.password_file = a.conn.redis_password_file;
         }
         self.redis.password = match (&self.redis.password_file, std::env::var("ALIGNX_REDIS_PASSWORD")) {
-            (Some(path), _) => {
-                let raw = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::PasswordFile { path: path.clone(), source })?;
-                Some(Secret::new(raw.trim_end_matches(['\n', '\r'])))
-            }
+            (Some(path), _) => Some(Secret::new(
+                secret_file::read(path)
+                    .map_err(|source| ConfigError::PasswordFile { path: path.clone(), source })?,
+            )),
             (None, Ok(p)) if !p.is_empty() => Some(Secret::new(p)),
             _ => None,
         };

@@ -13,6 +13,7 @@
 //! - [`answer`]: parsing a generation into a summary, or a failure kind.
 //! - [`keys`]: Redis key builders (cluster hash-tagged) and topic names.
 //! - [`defaults`]: configuration defaults every component agrees on.
+//! - [`secret_file`]: reading a secret mounted as a file.
 //!
 //! The JSON Schema files under `schemas/json/` describe the same documents for
 //! producers in other languages; a test keeps them and these types in agreement.
@@ -26,6 +27,7 @@ pub mod keys;
 pub mod problem;
 pub mod prompt;
 pub mod rng;
+pub mod secret_file;
 pub mod signal;
 pub mod summary;
 pub mod training;

@@ -167,8 +167,8 @@ impl ServiceKafka {
     }
 }
 
-/// librdkafka settings from values and from files (`KEY=PATH`: the value is the file's
-/// content less trailing newlines, as the consumer reads it), the latter for secrets,
+/// librdkafka settings from values and from files (`KEY=PATH`: the value is read as
+/// [`alignx_schemas::secret_file::read`] reads it, as the consumer does), the latter for secrets,
 /// which should never sit in arguments or the environment. A key given both ways is an
 /// error rather than a silent choice.
 pub fn settings(
@@ -180,11 +180,11 @@ pub fn settings(
         if out.contains_key(&key) {
             return Err(DatasetError::Kafka(format!("setting {key} is given both as a value and as a file")));
         }
-        let raw = std::fs::read_to_string(&path).map_err(|e| DatasetError::Read {
+        let value = alignx_schemas::secret_file::read(&path).map_err(|e| DatasetError::Read {
             path: path.clone(),
             message: format!("Kafka setting {key}: {e}"),
         })?;
-        out.insert(key, raw.trim_end_matches(['\n', '\r']).to_owned());
+        out.insert(key, value);
     }
     Ok(out.into_iter().collect())
 }

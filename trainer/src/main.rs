@@ -594,10 +594,8 @@ impl StoreArgs {
         let Some(url) = &self.redis else { return Ok(None) };
         let password = match &self.redis_password_file {
             Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("Redis password file {}", path.display()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
+                alignx_schemas::secret_file::read(path)
+                    .with_context(|| format!("Redis password file {}", path.display()))?,
             ),
             None => None,
         };
